@@ -1,0 +1,420 @@
+"""The polymae shard format: the one place that owns member names, encodings and file layout.
+
+Layout (DESIGN.md, "Shard format")::
+
+    {root}/{split}/{split}-{index:06d}.tar          WebDataset tar, one sample per __key__
+    {root}/{split}/{split}-{index:06d}.stats.json   written after the tar is in place: the done marker
+    {root}/{split}/index.parquet                    one row per sample (key, shard, size, skip reason)
+    {root}/{split}/manifest.json                    schema version, teachers, label sets, counts, shards+sha256
+
+Members of one sample:
+
+* ``rgb.jpg``    – the source bytes when they are a plain JPEG, re-encoded (quality 95) otherwise;
+* ``depth.png``  – 16-bit PNG at the rgb resolution, ``value = png / 65535 * depth_range``;
+  ``json["depth"]`` gives ``depth_range`` and the teacher's depth ``kind``;
+* ``semseg.png`` – class ids, 8-bit when the label set has <= 255 classes else 16-bit; the top value
+  (255 or 65535) is ``ignore``;
+* ``json``       – source id and size, teachers (name, revision, random-init flag), label resolution,
+  label-set id;
+* ``cls``        – class index (ASCII integer), where the source has one.
+
+A second teacher for the same modality is stored as ``depth.<teacher>.png`` / ``semseg.<teacher>.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SCHEMA_VERSION = 1
+DEFAULT_SAMPLES_PER_SHARD = 2000
+RGB = "rgb.jpg"
+DEPTH = "depth.png"
+SEMSEG = "semseg.png"
+META = "json"
+CLS = "cls"
+DEPTH_MAX_CODE = 65535
+JPEG_QUALITY = 95
+_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
+
+
+# --------------------------------------------------------------------------------------- layout
+def shard_name(split: str, index: int) -> str:
+    """``train-000012.tar`` for ``("train", 12)``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def stats_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.stats.json"
+
+
+def split_dir(root: str, split: str) -> str:
+    return f"{root.rstrip('/')}/{split}"
+
+
+def shard_url(root: str, split: str, index: int) -> str:
+    return f"{split_dir(root, split)}/{shard_name(split, index)}"
+
+
+def stats_url(root: str, split: str, index: int) -> str:
+    return f"{split_dir(root, split)}/{stats_name(split, index)}"
+
+
+def manifest_url(root: str, split: str) -> str:
+    return f"{split_dir(root, split)}/manifest.json"
+
+
+def index_url(root: str, split: str) -> str:
+    return f"{split_dir(root, split)}/index.parquet"
+
+
+def parse_shard_name(name: str) -> tuple[str, int] | None:
+    m = _SHARD_RE.match(name.rsplit("/", 1)[-1])
+    return (m["split"], int(m["index"])) if m else None
+
+
+def brace_pattern(root: str, split: str, indices: Iterable[int]) -> str:
+    """Brace-expandable URL covering ``indices`` (contiguous) or a comma list."""
+    idx = sorted(indices)
+    if not idx:
+        raise ValueError("no shards")
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return f"{split_dir(root, split)}/{split}-{{{idx[0]:06d}..{idx[-1]:06d}}}.tar"
+    return f"{split_dir(root, split)}/{split}-{{{','.join(f'{i:06d}' for i in idx)}}}.tar"
+
+
+def member(modality: str, teacher: str | None = None) -> str:
+    """Member name for a pseudo-label: ``depth.png`` or, for an extra teacher, ``depth.<teacher>.png``."""
+    if modality not in ("depth", "semseg"):
+        raise ValueError(f"unknown modality {modality!r}")
+    return f"{modality}.png" if teacher is None else f"{modality}.{teacher}.png"
+
+
+# ------------------------------------------------------------------------------------ encodings
+def encode_png(arr: np.ndarray) -> bytes:
+    """Lossless PNG of a 2-D uint8 or uint16 array."""
+    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"encode_png wants a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """2-D uint8 or uint16 array from PNG bytes."""
+    img = Image.open(io.BytesIO(data))
+    arr = np.array(img)
+    if img.mode in ("I;16", "I;16B", "I"):
+        arr = arr.astype(np.uint16)
+    return arr
+
+
+def encode_depth(depth: np.ndarray, depth_range: float | None = None) -> tuple[bytes, float]:
+    """Quantise a depth map to a 16-bit PNG.
+
+    Args:
+        depth: float ``[H, W]``, non-negative (relative inverse depth, or metres for metric teachers).
+        depth_range: value mapped to 65535; ``None`` uses the map's maximum (per-sample range).
+    Returns:
+        ``(png bytes, depth_range)``; decoding is ``png / 65535 * depth_range``, so the error is at
+        most half a quantisation step ``depth_range / 65535 / 2``.
+    Raises:
+        ValueError: a non-2-D map or non-finite values.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be [H, W], got {depth.shape}")
+    if not np.isfinite(depth).all():
+        raise ValueError("depth has NaN/inf values")
+    depth = np.clip(depth, 0.0, None)
+    if depth_range is None:
+        depth_range = float(depth.max())
+    depth_range = float(depth_range) if depth_range > 0 else 1.0
+    codes = np.rint(np.clip(depth / depth_range, 0.0, 1.0) * DEPTH_MAX_CODE).astype(np.uint16)
+    return encode_png(codes), depth_range
+
+
+def decode_depth(data: bytes, depth_range: float) -> np.ndarray:
+    """float32 ``[H, W]`` depth from ``depth.png`` bytes and the sample's ``depth_range``."""
+    codes = decode_png(data)
+    return (codes.astype(np.float32) / DEPTH_MAX_CODE * np.float32(depth_range)).astype(np.float32)
+
+
+def semseg_ignore_value(num_classes: int) -> int:
+    """The stored ``ignore`` id: 255 for label sets of <= 255 classes, else 65535."""
+    if num_classes < 1 or num_classes > 65535:
+        raise ValueError(f"num_classes must be in [1, 65535], got {num_classes}")
+    return 255 if num_classes <= 255 else 65535
+
+
+def encode_semseg(ids: np.ndarray, num_classes: int) -> bytes:
+    """PNG of class ids ``[H, W]``; ids outside ``[0, num_classes)`` become ``ignore``."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"semseg must be [H, W], got {ids.shape}")
+    ignore = semseg_ignore_value(num_classes)
+    dtype = np.uint8 if ignore == 255 else np.uint16
+    out = np.where((ids >= 0) & (ids < num_classes), ids, ignore).astype(dtype)
+    return encode_png(out)
+
+
+def decode_semseg(data: bytes) -> np.ndarray:
+    """int64 ``[H, W]`` class ids (``ignore`` keeps its stored value 255/65535)."""
+    return decode_png(data).astype(np.int64)
+
+
+class BadImage(ValueError):
+    """An input that cannot become an RGB image; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def load_rgb(data: bytes, max_pixels: int = 178_956_970) -> tuple[np.ndarray, bytes]:
+    """Decode any image to RGB and decide the ``rgb.jpg`` bytes.
+
+    EXIF orientation is applied; CMYK, grayscale, RGBA (composited on white), palette and 16-bit images
+    are converted to 8-bit RGB. The source bytes are kept when they already are a JPEG that decodes to
+    the same pixels (RGB or grayscale, no rotation); otherwise the RGB pixels are re-encoded.
+
+    Returns:
+        ``(uint8 [H, W, 3] array, jpeg bytes)``.
+    Raises:
+        BadImage: ``empty``, ``too_large`` (over ``max_pixels``), ``undecodable`` (not an image,
+        truncated or corrupt).
+    """
+    if not data:
+        raise BadImage("empty", "zero-byte file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise BadImage("too_large", f"{w}x{h} > {max_pixels} pixels")
+        fmt = img.format
+        orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+        img.load()
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage("too_large", str(e)) from None
+    except Exception as e:  # PIL raises many types for corrupt input
+        raise BadImage("undecodable", f"{type(e).__name__}: {e}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr16 = np.array(img).astype(np.float64)
+            top = 65535.0 if arr16.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr16 / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif mode == "F":
+            arrf = np.array(img)
+            img = Image.fromarray(np.clip(arrf, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, rgba)
+        rgb = np.array(img.convert("RGB"))
+    except Exception as e:
+        raise BadImage("undecodable", f"{type(e).__name__}: {e}") from None
+    if fmt == "JPEG" and mode in ("RGB", "L") and orientation in (None, 1):
+        return rgb, data
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return rgb, buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` from ``rgb.jpg`` bytes."""
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------- samples
+@dataclass
+class LabelledSample:
+    """One sample as written to a shard.
+
+    ``rgb_jpeg``: bytes; ``depth``: float32 ``[H, W]``; ``semseg``: int64 ``[H, W]`` (both at the rgb
+    resolution); ``meta``: the ``json`` member; ``extra``: further members (e.g. a second teacher).
+    """
+
+    key: str
+    rgb_jpeg: bytes
+    depth: np.ndarray | None = None
+    semseg: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+    cls: int | None = None
+    depth_range: float | None = None
+    num_classes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        """The WebDataset sample dict (``__key__`` + member bytes)."""
+        if "/" in self.key or "." in self.key:
+            raise ValueError(f"sample key must not contain '/' or '.': {self.key!r}")
+        out: dict[str, Any] = {"__key__": self.key, RGB: self.rgb_jpeg}
+        meta = dict(self.meta)
+        if self.depth is not None:
+            png, rng = encode_depth(self.depth, self.depth_range)
+            out[DEPTH] = png
+            meta.setdefault("depth", {})["depth_range"] = rng
+        if self.semseg is not None:
+            if self.num_classes is None:
+                raise ValueError("num_classes is required to encode semseg")
+            out[SEMSEG] = encode_semseg(self.semseg, self.num_classes)
+            meta.setdefault("semseg", {}).update(
+                num_classes=self.num_classes, ignore_index=semseg_ignore_value(self.num_classes))
+        out.update(self.extra)
+        out[META] = json.dumps(meta, sort_keys=True).encode()
+        if self.cls is not None:
+            out[CLS] = str(int(self.cls)).encode()
+        return out
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode a raw WebDataset sample (member name -> bytes) into arrays.
+
+    Returns:
+        dict with ``key``; ``rgb`` uint8 ``[H, W, 3]``; ``depth`` float32 ``[H, W]`` (if present);
+        ``semseg`` int64 ``[H, W]`` (ignore keeps its stored top value, given in ``semseg_ignore``);
+        ``meta`` dict; ``cls`` int or None.
+    Raises:
+        KeyError: a sample without ``rgb.jpg`` or ``json``.
+    """
+    meta = json.loads(sample[META])
+    out: dict[str, Any] = {"key": sample["__key__"], "rgb": decode_rgb(sample[RGB]), "meta": meta}
+    if DEPTH in sample:
+        out["depth"] = decode_depth(sample[DEPTH], meta["depth"]["depth_range"])
+    if SEMSEG in sample:
+        out["semseg"] = decode_semseg(sample[SEMSEG])
+        out["semseg_ignore"] = int(meta["semseg"]["ignore_index"])
+    out["cls"] = int(sample[CLS]) if CLS in sample else None
+    return out
+
+
+# --------------------------------------------------------------------------------------- writer
+class ShardTarWriter:
+    """Writes one shard tar atomically (``storage.AtomicWriter``) through ``webdataset.TarWriter``.
+
+    Members get a fixed mtime so identical inputs give byte-identical tars. ``close()`` publishes the
+    tar; ``abort()`` leaves nothing behind. Errors at close (e.g. a failed upload) propagate.
+    """
+
+    def __init__(self, url: str):
+        import webdataset as wds
+
+        from polymae.pipeline.storage import AtomicWriter
+
+        self.url = url
+        self._sink = AtomicWriter(url)
+        self._tar = wds.TarWriter(self._sink, encoder=False, mtime=0.0)
+        self.count = 0
+
+    def write(self, sample: LabelledSample | dict[str, Any]) -> None:
+        enc = sample.encode() if isinstance(sample, LabelledSample) else sample
+        self._tar.write(enc)
+        self.count += 1
+
+    @property
+    def bytes_written(self) -> int:
+        return self._sink.bytes_written
+
+    def close(self) -> None:
+        self._tar.close()  # does not close a caller-given stream
+        self._sink.close()
+
+    def abort(self) -> None:
+        try:
+            self._tar.tarstream.close()
+        except Exception:
+            pass
+        self._sink.abort()
+
+    def __enter__(self) -> "ShardTarWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    from polymae.pipeline.storage import write_bytes_atomic
+
+    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    import fsspec
+
+    with fsspec.open(url, "r") as fh:
+        return json.load(fh)
+
+
+# --------------------------------------------------------------------------------------- reader
+def register_fsspec_gopen() -> None:
+    """Let webdataset open ``s3://``/``gs://``/... URLs through fsspec (webdataset has no such handler)."""
+    import webdataset.gopen as wg
+
+    def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
+        import fsspec
+
+        return fsspec.open(url, mode).open()
+
+    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory", "hf"):
+        wg.gopen_schemes.setdefault(scheme, _fsspec_open)
+
+
+def done_shards(root: str, split: str) -> dict[int, dict]:
+    """Shards a reader may trust: those listed in the manifest, plus any with a stats (done) file.
+
+    Returns ``{index: stats-or-manifest entry}``.
+    """
+    from polymae.pipeline import storage
+
+    out: dict[int, dict] = {}
+    murl = manifest_url(root, split)
+    if storage.exists(murl):
+        for s in read_json(murl).get("shards", []):
+            out[int(s["index"])] = s
+    d = split_dir(root, split)
+    if storage.exists(d):
+        for url in storage.list_files(d, suffixes=(".stats.json",), recursive=False):
+            m = re.search(r"-(\d{6})\.stats\.json$", url)
+            if m and int(m.group(1)) not in out:
+                out[int(m.group(1))] = read_json(url)
+    return out
+
+
+def trusted_shard_urls(root: str, split: str) -> list[str]:
+    """URLs of the done shards of ``split`` in index order.
+
+    Raises:
+        FileNotFoundError: no done shard under ``{root}/{split}``.
+    """
+    idx = sorted(done_shards(root, split))
+    if not idx:
+        raise FileNotFoundError(f"no finished shards under {split_dir(root, split)} (no manifest/stats files)")
+    return [shard_url(root, split, i) for i in idx]
+
+
+def iter_raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples (member -> bytes) from shard URLs in order, via webdataset."""
+    import webdataset as wds
+
+    register_fsspec_gopen()
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    yield from ds
+
+
+def now() -> float:
+    return time.time()
