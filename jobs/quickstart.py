@@ -1,0 +1,212 @@
+"""``polymae quickstart``: the whole pipeline on one machine, on real photographs, in a few minutes.
+
+label (embedded Ray, tiny random-weight DPT + SegFormer teachers) → pretrain (MultiMAE ViT-Tiny,
+DeepSpeed ZeRO-2, 2 CPU ranks via torchrun) → evaluate (held-out split) → publish (local folder store).
+By default the images are the photographs that scikit-image ships, copied into ``{work}/images`` at run
+time; ``--images DIR`` uses your own folder (every 5th image, sorted, is held out for evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import yaml
+
+from polymae.jobs.common import run_job
+from polymae.pipeline.config import ConfigError, field_, save_config
+
+log = logging.getLogger("polymae.quickstart")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Real photographs shipped inside scikit-image (no download): (file in skimage/data, split).
+SKIMAGE_PHOTOS = [
+    ("astronaut.png", "train"), ("chelsea.png", "train"), ("rocket.jpg", "train"),
+    ("motorcycle_left.png", "train"), ("hubble_deep_field.jpg", "train"), ("retina.jpg", "train"),
+    ("ihc.png", "train"), ("coins.png", "train"), ("moon.png", "train"), ("brick.png", "train"),
+    ("grass.png", "train"), ("gravel.png", "train"),
+    ("coffee.png", "val"), ("motorcycle_right.png", "val"), ("camera.png", "val"),
+]
+
+
+@dataclass
+class QuickstartConfig:
+    """Everything ``polymae quickstart`` takes."""
+
+    work: str = field_("work/quickstart", help="folder for every output (images, shards, run, store)")
+    images: str = field_("", help="your own image folder (default: the scikit-image photographs)")
+    steps: int = field_(40, help="pre-training steps")
+    img_size: int = field_(128, help="pre-training resolution (pixels, multiple of 16)")
+    preset: str = field_("tiny", help="ViT preset")
+    ranks: int = field_(2, help="DeepSpeed ranks (processes) on this machine")
+    micro_batch: int = field_(4, help="samples per rank per step")
+    zero_stage: int = field_(2, help="ZeRO stage")
+    num_visible: int = field_(48, help="visible tokens per sample (of 3 x (img_size/16)^2)")
+    base_lr: float = field_(1.5e-3, help="base learning rate (x global batch / 256)")
+    samples_per_shard: int = field_(4, help="samples per shard (small, to exercise multi-shard reading)")
+    dest: str = field_("", help="publish destination (default {work}/store/multimae-quickstart)")
+
+    def validate(self) -> None:
+        if self.images and not os.path.isdir(self.images):
+            raise ConfigError("images", f"{self.images!r} is not a folder")
+        if self.steps < 1 or self.ranks < 1 or self.micro_batch < 1:
+            raise ConfigError("steps" if self.steps < 1 else "ranks" if self.ranks < 1 else "micro_batch", "must be >= 1")
+        if self.img_size % 16:
+            raise ConfigError("img_size", "must be a multiple of 16")
+
+
+def prepare_images(cfg: QuickstartConfig) -> dict[str, list[str]]:
+    """Fill ``{work}/images/{train,val}``; returns the source file names per split."""
+    root = os.path.join(cfg.work, "images")
+    shutil.rmtree(root, ignore_errors=True)
+    out: dict[str, list[str]] = {"train": [], "val": []}
+    if cfg.images:
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(cfg.images) for f in fs
+                       if f.lower().endswith(IMAGE_SUFFIXES))
+        if len(files) < 2:
+            raise ConfigError("images", f"{cfg.images!r} holds {len(files)} images; need at least 2")
+        pairs = [(f, "val" if i % 5 == 4 else "train") for i, f in enumerate(files)]
+    else:
+        import skimage.data
+
+        base = os.path.dirname(skimage.data.__file__)
+        pairs = [(os.path.join(base, name), split) for name, split in SKIMAGE_PHOTOS]
+    for src, split in pairs:
+        d = os.path.join(root, split)
+        os.makedirs(d, exist_ok=True)
+        rel = os.path.relpath(src, cfg.images) if cfg.images else os.path.basename(src)
+        name = rel.replace(os.sep, "__")
+        shutil.copyfile(src, os.path.join(d, name))
+        out[split].append(name)
+    return out
+
+
+def _pretrain_config(cfg: QuickstartConfig, shards: str, run: str) -> dict:
+    return {
+        "output": run,
+        "data": {"shards": shards, "split": "train", "img_size": cfg.img_size, "num_workers": 1,
+                 "shuffle_buffer": 32},
+        "model": {"arch": "multimae", "preset": cfg.preset, "num_visible": cfg.num_visible},
+        "optim": {"base_lr": cfg.base_lr, "warmup_steps": max(1, cfg.steps // 10)},
+        "train": {"steps": cfg.steps, "global_batch": cfg.micro_batch * cfg.ranks, "micro_batch": cfg.micro_batch,
+                  "zero_stage": cfg.zero_stage, "save_interval": max(1, cfg.steps // 2), "keep_last": 2},
+    }
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict:
+    """Run all four stages; returns a summary dict (paths, counts, losses, metrics, seconds per stage)."""
+    from polymae.pipeline.evaluate import EvaluateConfig, evaluate
+    from polymae.pipeline.labeling import LabelConfig, run_label
+    from polymae.pipeline.config import load_config
+    from polymae.pipeline.pretrain import summary_from_metrics
+    from polymae.pipeline.publish import PublishConfig, publish
+
+    t_all = time.perf_counter()
+    work = os.path.abspath(cfg.work)
+    cfg.work = work
+    os.makedirs(work, exist_ok=True)
+    save_config(cfg, os.path.join(work, "quickstart.yaml"))
+    shards_root = os.path.join(work, "shards")
+    run_dir = os.path.join(work, "runs", "multimae-quickstart")
+    dest = cfg.dest or os.path.join(work, "store", "multimae-quickstart")
+    seconds: dict[str, float] = {}
+    summary: dict = {"work": work, "shards": shards_root, "run": run_dir, "release": dest}
+
+    t = time.perf_counter()
+    sources = prepare_images(cfg)
+    summary["images"] = sources
+    label_summaries = {}
+    for split in ("train", "val"):
+        lcfg = load_config(LabelConfig, overrides=[
+            f"input={os.path.join(work, 'images', split)}", f"output={shards_root}", f"split={split}",
+            f"samples_per_shard={cfg.samples_per_shard}", "mode=overwrite"])
+        label_summaries[split] = run_label(lcfg)
+    seconds["label"] = time.perf_counter() - t
+    summary["label"] = label_summaries
+
+    t = time.perf_counter()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir, exist_ok=True)
+    pcfg_path = os.path.join(work, "pretrain.yaml")
+    with open(pcfg_path, "w") as fh:
+        yaml.safe_dump(_pretrain_config(cfg, shards_root, run_dir), fh, sort_keys=False)
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.ranks))))
+    from polymae.pipeline.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={cfg.ranks}",
+           f"--master_port={free_port()}", "-m", "polymae.jobs.pretrain", "--config", pcfg_path]
+    log.info("pretrain: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pretrain failed with exit status {proc.returncode}")
+    seconds["pretrain"] = time.perf_counter() - t
+    rows = summary_from_metrics(run_dir)
+    summary["loss_first"] = rows[0]["loss"] if rows else None
+    summary["loss_last"] = rows[-1]["loss"] if rows else None
+    summary["steps"] = rows[-1]["step"] if rows else 0
+
+    t = time.perf_counter()
+    ecfg = load_config(EvaluateConfig, overrides=[f"checkpoint={run_dir}", f"shards={shards_root}", "split=val"])
+    summary["evaluate"] = evaluate(ecfg)
+    seconds["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pub = load_config(PublishConfig, overrides=[f"checkpoint={run_dir}", f"dest={dest}"])
+    summary["manifest"] = publish(pub)
+    seconds["publish"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    summary["seconds"] = seconds
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title="polymae quickstart")
+    t.add_column("stage")
+    t.add_column("result")
+    t.add_column("output")
+    t.add_column("seconds", justify="right")
+    lab = s["label"]
+    written = sum(v.get("written", 0) for v in lab.values())
+    skipped = sum(v.get("skipped", 0) for v in lab.values())
+    nshards = sum(v.get("shards", 0) for v in lab.values())
+    t.add_row("label", f"{written} samples in {nshards} shards ({skipped} skipped)", s["shards"],
+              f"{s['seconds']['label']:.1f}")
+    t.add_row("pretrain", f"{s['steps']} steps, loss {s['loss_first']:.4f} → {s['loss_last']:.4f}", s["run"],
+              f"{s['seconds']['pretrain']:.1f}")
+    ev = s["evaluate"]
+    parts = [f"rec {m} {v:.3f}" for m, v in ev["reconstruction_loss"].items()]
+    if "rgb_to_depth" in ev:
+        parts.append(f"δ1 {ev['rgb_to_depth']['delta1']:.3f}")
+    if "rgb_to_semseg" in ev:
+        parts.append(f"mIoU {ev['rgb_to_semseg']['miou']:.3f}")
+    t.add_row("evaluate", ", ".join(parts), ev["output"], f"{s['seconds']['evaluate']:.1f}")
+    files = s["manifest"]["files"]
+    t.add_row("publish", f"{len(files)} files + manifest.json ({sum(f['size'] for f in files) / 2**20:.1f} MiB)",
+              s["release"], f"{s['seconds']['publish']:.1f}")
+    t.add_row("total", "", s["work"], f"{s['seconds']['total']:.1f}")
+    con.print(t)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job(QuickstartConfig, run_quickstart, argv, prog="polymae quickstart", doc=__doc__,
+                   flag_map={"images_flag": "images", "work_flag": "work"},
+                   extra=lambda p: (p.add_argument("--images", dest="images_flag", default=None,
+                                                   help="your own image folder (same as images=DIR)"),
+                                    p.add_argument("--work", dest="work_flag", default=None,
+                                                   help="output folder (same as work=DIR)")))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
