@@ -68,7 +68,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):  # allow a=x,y,z on the command line
-            value = [v for v in value.split(",") if v != ""]
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip() != ""]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")
         args = get_args(tp)

@@ -1,0 +1,93 @@
+"""Config loading: YAML + overrides, type checks, impossible values, all failing with the key's name."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from polymae.pipeline.config import ConfigError, load_config, parse_overrides, redact, save_config
+from polymae.pipeline.pretrain import PretrainConfig
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def shards_dir(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    return str(d)
+
+
+def test_yaml_then_overrides(tmp_path, shards_dir):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"data": {"shards": shards_dir, "img_size": 64}, "train": {"steps": 7}}))
+    cfg = load_config(PretrainConfig, str(p), ["train.steps=9", "model.alpha=0.5", "data.crop_scale=0.3,1.0",
+                                                      "model.num_visible=24"])
+    assert cfg.data.img_size == 64 and cfg.train.steps == 9 and cfg.model.alpha == 0.5
+    assert cfg.data.crop_scale == [0.3, 1.0]
+    assert cfg.train.zero_stage == 2  # default kept
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.stepz=3", "train.stepz"),
+    ("bogus=1", "bogus"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("model.norm_pix_loss=maybe", "model.norm_pix_loss"),
+    ("model.mask_ratio=1.5", "model.mask_ratio"),
+    ("model.arch=vit", "model.arch"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("data.img_size=100", "data.img_size"),
+    ("model.num_visible=10000", "model.num_visible"),
+    ("optim.betas=0.9", "optim.betas"),
+])
+def test_bad_values_name_the_key(shards_dir, override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, None, [f"data.shards={shards_dir}", override])
+    assert e.value.key == key
+    assert f"'{key}'" in str(e.value)
+
+
+def test_missing_input_folder(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, None, [f"data.shards={tmp_path}/nope"])
+    assert e.value.key == "data.shards"
+
+
+def test_global_batch_must_divide(shards_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, None, [f"data.shards={shards_dir}", "train.global_batch=12", "train.micro_batch=4"])
+    assert e.value.key == "train.global_batch"
+    cfg = load_config(PretrainConfig, None, [f"data.shards={shards_dir}", "train.global_batch=16", "train.micro_batch=4"])
+    assert cfg.train.global_batch == 16
+
+
+def test_override_parsing():
+    assert parse_overrides(["a.b=1", "c=x,y", "d=true", "e="]) == {"a": {"b": 1}, "c": "x,y", "d": True, "e": ""}
+    with pytest.raises(ConfigError):
+        parse_overrides(["novalue"])
+
+
+def test_saved_config_round_trips_and_has_no_credentials(tmp_path, shards_dir):
+    cfg = load_config(PretrainConfig, None, [f"data.shards={shards_dir}", "output=s3://AKIAXX:secretpw@bucket/run"])
+    out = tmp_path / "saved.yaml"
+    save_config(cfg, str(out))
+    text = out.read_text()
+    assert "secretpw" not in text and "AKIAXX" not in text
+    again = load_config(PretrainConfig, str(out), [])
+    assert again.train == cfg.train and again.model == cfg.model
+    assert redact({"aws_secret_access_key": "x", "n": 1}) == {"aws_secret_access_key": "<redacted>", "n": 1}
+
+
+def test_cli_reports_key_before_work(tmp_path):
+    env = dict(os.environ, PYTHONPATH="")
+    r = subprocess.run([sys.executable, "-m", "polymae.jobs.pretrain", f"data.shards={tmp_path}", "model.mask_ratio=1.5"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "model.mask_ratio" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "polymae.jobs.cli", "pretrain", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "train.zero_stage" in r.stdout and "ZeRO" in r.stdout
