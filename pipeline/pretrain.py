@@ -143,7 +143,10 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        total = (self.data.img_size // 16) ** 2 * len(self.model.modalities)
+        patch = 14 if self.model.preset == "huge14" else 16
+        if self.data.img_size % patch:
+            raise ConfigError("data.img_size", f"{self.data.img_size} is not a multiple of the patch size {patch}")
+        total = (self.data.img_size // patch) ** 2 * len(self.model.modalities)
         if self.model.arch == "multimae" and self.model.num_visible > total:
             raise ConfigError("model.num_visible", f"{self.model.num_visible} > {total} tokens "
                               f"({len(self.model.modalities)} modalities at {self.data.img_size} px)")

@@ -91,3 +91,16 @@ def test_cli_reports_key_before_work(tmp_path):
     r = subprocess.run([sys.executable, "-m", "polymae.jobs.cli", "pretrain", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "train.zero_stage" in r.stdout and "ZeRO" in r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "..", "jobs",
+                                                                          "configs")) if f.endswith(".yaml")))
+def test_paper_recipes_load(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", name)
+    cfg = load_config(PretrainConfig, path, [])
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
+    assert cfg.train.global_batch in (2048, 4096)
+    if cfg.model.arch == "mae":
+        assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss and cfg.optim.base_lr == 1.5e-4
+    else:
+        assert cfg.model.num_visible == 98 and cfg.optim.base_lr == 1e-4
