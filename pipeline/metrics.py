@@ -35,12 +35,13 @@ def align_scale_shift(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
 class DepthMetrics:
     """Accumulates δ1 / AbsRel / RMSE over batches (pixel-weighted over the whole set).
 
-    ``update(pred [B,H,W], target [B,H,W], align=True)``: pixels with ``target <= eps`` are invalid;
-    aligned predictions are clamped to ``eps`` before ratios.
+    ``update(pred [B,H,W], target [B,H,W], align=True)``: pixels with a non-positive or non-finite target
+    are invalid; aligned predictions are clamped to ``rel_eps × max(target)`` (so the metric is
+    scale-invariant) before ratios.
     """
 
-    def __init__(self, eps: float = 1e-6):
-        self.eps = eps
+    def __init__(self, rel_eps: float = 1e-3):
+        self.rel_eps = rel_eps
         self.n = 0
         self.d1 = 0.0
         self.abs_rel = 0.0
@@ -48,13 +49,13 @@ class DepthMetrics:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, align: bool = True) -> None:
         pred, target = pred.float(), target.float()
-        valid = target > self.eps
+        valid = (target > 0) & torch.isfinite(target)
+        if not valid.any():
+            return
         if align:
             pred = align_scale_shift(pred, target, valid)
-        p = pred[valid].clamp_min(self.eps).double()
         t = target[valid].double()
-        if t.numel() == 0:
-            return
+        p = pred[valid].double().clamp_min(self.rel_eps * t.max().item())
         ratio = torch.maximum(p / t, t / p)
         self.n += t.numel()
         self.d1 += (ratio < 1.25).sum().item()

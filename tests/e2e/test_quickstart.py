@@ -92,9 +92,10 @@ def test_encoder_loads_into_timm(quickstart):
 
     dest = work / "store" / "multimae-quickstart"
     mc = json.loads((dest / "model_config.json").read_text())
-    t = mc["timm"]
-    model = timm.create_model(t["model_name"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(dest / "encoder.safetensors")), **t["kwargs"])
+    kwargs = dict(mc["timm"])
+    name = kwargs.pop("model_name")
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(dest / "encoder.safetensors")),
+                              **kwargs)
     x = torch.randn(1, 3, mc["pretrain"]["img_size"], mc["pretrain"]["img_size"])
     assert model.forward_features(x).shape[-1] == 192
 
