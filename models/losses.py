@@ -1,0 +1,237 @@
+"""Masked reconstruction losses of MultiMAE (arXiv 2204.01678, Sec. 3.3 / Appendix "loss functions") and
+MAE (arXiv 2111.06377, Sec. 3 "Reconstruction target"), plus the patch layout helpers they need.
+
+All losses are computed on **masked tokens only** (mask True = masked). Each sample is averaged over
+its own masked positions, then the batch average is taken over the samples that have at least one
+masked position (a sample with nothing masked for that modality contributes nothing; if no sample
+has, the loss is an exact 0 that still carries a gradient path to ``pred``). With a fixed number of
+masked tokens per sample this equals MAE's ``(loss * mask).sum() / mask.sum()``; it matches the
+MultiMAE reference's per-sample mean followed by ``nanmean``.
+
+Losses are evaluated in float32 whatever the dtype of ``pred`` (autocast-safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["patchify", "unpatchify", "standardize_depth", "norm_pix_target", "masked_mean",
+           "masked_mse_loss", "masked_l1_loss", "masked_cross_entropy_loss"]
+
+
+def patchify(x: torch.Tensor, patch: int, channel_last: bool = False) -> torch.Tensor:
+    """Split an image into non-overlapping square patches, row-major over the patch grid.
+
+    Args:
+        x: ``[B, C, H, W]`` (or ``[B, H, W]``, treated as ``C = 1``).
+        patch: patch side ``p`` in pixels of ``x``; ``H`` and ``W`` must be divisible by it.
+        channel_last: per-token layout ``(p, p, C)`` as in MAE's ``patchify`` when True, ``(C, p, p)`` as
+            in MultiMAE's output adapters when False.
+
+    Returns:
+        ``[B, (H/p)*(W/p), C*p*p]``.
+
+    Raises:
+        ValueError: if ``H`` or ``W`` is not divisible by ``p``.
+    """
+    if x.ndim == 3:
+        x = x[:, None]
+    b, c, h, w = x.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not divisible by patch size {patch}")
+    nh, nw = h // patch, w // patch
+    x = x.reshape(b, c, nh, patch, nw, patch)
+    x = x.permute(0, 2, 4, 3, 5, 1) if channel_last else x.permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, nh * nw, c * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch: int, channels: int,
+               channel_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`patchify`.
+
+    Args:
+        tokens: ``[B, nh*nw, C*p*p]``.
+        grid: ``(nh, nw)`` patch grid.
+        patch: ``p``.
+        channels: ``C``.
+        channel_last: token layout, see :func:`patchify`.
+
+    Returns:
+        ``[B, C, nh*p, nw*p]``.
+
+    Raises:
+        ValueError: if the token shape does not match ``grid``, ``patch`` and ``channels``.
+    """
+    b, n, d = tokens.shape
+    nh, nw = grid
+    if n != nh * nw or d != channels * patch * patch:
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not match grid {grid}, patch {patch}, C={channels}")
+    if channel_last:
+        x = tokens.reshape(b, nh, nw, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    else:
+        x = tokens.reshape(b, nh, nw, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, nh * patch, nw * patch)
+
+
+def standardize_depth(depth: torch.Tensor, trunc: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+    """Per-image truncated standardisation of depth (MultiMAE reference, ``--standardize_depth``).
+
+    For each image the values are sorted, the bottom and top ``trunc`` fraction are dropped (indices
+    ``[int(trunc*n), int((1-trunc)*n))``), and the *whole* map is standardised with the mean and
+    ``sqrt(var + eps)`` of the kept values (``var`` is the unbiased sample variance, as ``torch.var`` in
+    the reference). Computed in float32; output has the input's dtype.
+
+    Args:
+        depth: ``[B, 1, H, W]`` raw depth (any units; typically metres or relative inverse depth).
+        trunc: fraction dropped at each end (0.1).
+        eps: added to the variance (1e-6).
+
+    Returns:
+        ``[B, 1, H, W]`` standardised depth (dimensionless).
+
+    Raises:
+        ValueError: if ``depth`` is not ``[B, 1, H, W]`` or has fewer than 2 pixels per image.
+    """
+    if depth.ndim != 4 or depth.shape[1] != 1:
+        raise ValueError(f"depth must be [B, 1, H, W], got {tuple(depth.shape)}")
+    b = depth.shape[0]
+    flat = depth.float().reshape(b, -1)
+    n = flat.shape[1]
+    if n < 2:
+        raise ValueError("depth maps need at least 2 pixels to standardise")
+    lo, hi = int(trunc * n), int((1.0 - trunc) * n)
+    if hi - lo < 2:
+        lo, hi = 0, n
+    kept = flat.sort(dim=1).values[:, lo:hi]
+    mean = kept.mean(dim=1)
+    var = kept.var(dim=1)
+    out = (flat - mean[:, None]) / torch.sqrt(var[:, None] + eps)
+    return out.reshape(depth.shape).to(depth.dtype)
+
+
+def norm_pix_target(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalised pixels (MAE Sec. 3 "normalized pixels"): ``(t - mean) / sqrt(var + eps)``
+    over all ``C*p*p`` values of each patch (unbiased variance, as ``target.var()`` in both references).
+
+    Args:
+        patches: ``[B, N, C*p*p]``.
+        eps: 1e-6.
+
+    Returns:
+        ``[B, N, C*p*p]`` float32.
+    """
+    t = patches.float()
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, keepdim=True)
+    return (t - mean) / torch.sqrt(var + eps)
+
+
+def masked_mean(value_sum: torch.Tensor, count: torch.Tensor, mask: torch.Tensor,
+                anchor: torch.Tensor) -> torch.Tensor:
+    """Per-sample average over masked tokens, then average over samples that have any.
+
+    Args:
+        value_sum: ``[B, N]`` summed loss of each token.
+        count: ``[B, N]`` number of loss terms in each token (pixels; 0 for fully ignored tokens).
+        mask: bool ``[B, N]``, True = masked (counted).
+        anchor: a tensor from the graph (e.g. the prediction), used to return a differentiable 0.
+
+    Returns:
+        scalar float32 tensor.
+    """
+    m = mask.to(value_sum.dtype)
+    num = (value_sum * m).sum(dim=1)
+    den = (count.to(value_sum.dtype) * m).sum(dim=1)
+    valid = den > 0
+    if not bool(valid.any()):
+        return anchor.float().sum() * 0.0
+    per_sample = num[valid] / den[valid]
+    return per_sample.mean()
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    n = (pred.shape[-2] // patch) * (pred.shape[-1] // patch)
+    if tuple(mask.shape) != (pred.shape[0], n):
+        raise ValueError(f"mask must be [B, {n}], got {tuple(mask.shape)}")
+
+
+def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int,
+                    norm_pix: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """MSE on masked tokens (MultiMAE RGB loss; MAE loss with ``norm_pix=True``).
+
+    Args:
+        pred: ``[B, C, H, W]`` prediction (in the target space: normalised pixels when ``norm_pix``).
+        target: ``[B, C, H, W]`` image (e.g. ImageNet mean/std-normalised RGB).
+        mask: bool ``[B, (H/p)*(W/p)]``, True = masked.
+        patch: token patch size ``p`` in pixels.
+        norm_pix: normalise the target per patch (:func:`norm_pix_target`).
+        eps: variance epsilon for ``norm_pix``.
+
+    Returns:
+        scalar float32: mean over masked tokens of the per-token mean squared error.
+
+    Raises:
+        ValueError: on shape mismatch.
+    """
+    _check(pred, target, mask, patch)
+    p = patchify(pred.float(), patch)
+    t = patchify(target.float(), patch)
+    if norm_pix:
+        t = norm_pix_target(t, eps)
+    per_tok = ((p - t) ** 2).mean(dim=-1)
+    return masked_mean(per_tok, torch.ones_like(per_tok), mask, pred)
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """L1 on masked tokens (MultiMAE depth loss; ``target`` is the standardised depth).
+
+    Args:
+        pred: ``[B, C, H, W]``.
+        target: ``[B, C, H, W]``.
+        mask: bool ``[B, (H/p)*(W/p)]``, True = masked.
+        patch: token patch size ``p``.
+
+    Returns:
+        scalar float32: mean over masked tokens of the per-token mean absolute error.
+
+    Raises:
+        ValueError: on shape mismatch.
+    """
+    _check(pred, target, mask, patch)
+    per_tok = (patchify(pred.float(), patch) - patchify(target.float(), patch)).abs().mean(dim=-1)
+    return masked_mean(per_tok, torch.ones_like(per_tok), mask, pred)
+
+
+def masked_cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int,
+                              ignore_index: int = 255) -> torch.Tensor:
+    """Pixel-wise cross-entropy on masked tokens (MultiMAE semantic segmentation loss, at stride 4).
+
+    Pixels whose label is ``ignore_index`` contribute neither loss nor count; each sample is averaged
+    over the non-ignored pixels of its masked tokens, and samples with none are excluded.
+
+    Args:
+        logits: ``[B, K, h, w]`` class logits at stride 4.
+        target: int64 ``[B, h, w]`` class ids in ``[0, K)`` or ``ignore_index``.
+        mask: bool ``[B, (h/p4)*(w/p4)]``, True = masked.
+        patch: token patch size at this stride, ``p4 = patch_size / 4``.
+        ignore_index: label value to ignore (255).
+
+    Returns:
+        scalar float32 loss (nats).
+
+    Raises:
+        ValueError: on shape mismatch.
+    """
+    if logits.ndim != 4 or target.shape != (logits.shape[0],) + tuple(logits.shape[-2:]):
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+    n = (logits.shape[-2] // patch) * (logits.shape[-1] // patch)
+    if tuple(mask.shape) != (logits.shape[0], n):
+        raise ValueError(f"mask must be [B, {n}], got {tuple(mask.shape)}")
+    pix = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # [B, h, w]
+    valid = (target != ignore_index).float()
+    loss_sum = patchify(pix, patch).sum(dim=-1)
+    count = patchify(valid, patch).sum(dim=-1)
+    return masked_mean(loss_sum, count, mask, logits)
