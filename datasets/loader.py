@@ -27,14 +27,11 @@ log = logging.getLogger(__name__)
 
 def _raw_stream(urls: list[str]) -> Iterator[dict]:
     """Raw samples of the given shards in order; a shard that cannot be read is logged and skipped."""
-    import webdataset as wds
-
-    shards.register_fsspec_gopen()
     for url in urls:
         try:
-            yield from wds.WebDataset([url], shardshuffle=False, empty_check=False)
+            yield from shards.iter_raw_samples([url])
         except Exception as e:  # a truncated/corrupt tar: keep what was read, go on
-            log.warning("shard %s: read error after partial read (%s: %s)", url, type(e).__name__, e)
+            log.warning("shard %s: read error (%s: %s); going on with the next shard", url, type(e).__name__, e)
 
 
 class ShardStream(IterableDataset):

@@ -23,6 +23,7 @@ A second teacher for the same modality is stored as ``depth.<teacher>.png`` / ``
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -300,6 +301,26 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- writer
+class _HashingStream:
+    """Write-through stream that feeds every byte to a hash (so a shard's sha256 needs no re-read)."""
+
+    def __init__(self, sink: Any, h: Any):
+        self._sink, self._h = sink, h
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return self._sink.write(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def tell(self) -> int:
+        return self._sink.tell()
+
+    def close(self) -> None:  # the owner closes the sink itself
+        pass
+
+
 class ShardTarWriter:
     """Writes one shard tar atomically (``storage.AtomicWriter``) through ``webdataset.TarWriter``.
 
@@ -314,7 +335,8 @@ class ShardTarWriter:
 
         self.url = url
         self._sink = AtomicWriter(url)
-        self._tar = wds.TarWriter(self._sink, encoder=False, mtime=0.0)
+        self._hash = hashlib.sha256()
+        self._tar = wds.TarWriter(_HashingStream(self._sink, self._hash), encoder=False, mtime=0.0)
         self.count = 0
 
     def write(self, sample: LabelledSample | dict[str, Any]) -> None:
@@ -325,6 +347,11 @@ class ShardTarWriter:
     @property
     def bytes_written(self) -> int:
         return self._sink.bytes_written
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the bytes written so far (of the whole tar once closed)."""
+        return self._hash.hexdigest()
 
     def close(self) -> None:
         self._tar.close()  # does not close a caller-given stream
@@ -363,7 +390,10 @@ def read_json(url: str) -> Any:
 # --------------------------------------------------------------------------------------- reader
 def register_fsspec_gopen() -> None:
     """Let webdataset open ``s3://``/``gs://``/... URLs through fsspec (webdataset has no such handler)."""
-    import webdataset.gopen as wg
+    import importlib
+
+    # `import webdataset.gopen as wg` yields the *function* webdataset.gopen (re-exported by the package)
+    wg = importlib.import_module("webdataset.gopen")
 
     def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
         import fsspec
@@ -407,12 +437,18 @@ def trusted_shard_urls(root: str, split: str) -> list[str]:
     return [shard_url(root, split, i) for i in idx]
 
 
+def _every_shard(src, group=None):
+    """Node/worker splitter that keeps every URL: polymae's loaders split the data themselves."""
+    yield from src
+
+
 def iter_raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples (member -> bytes) from shard URLs in order, via webdataset."""
+    """Raw samples (member -> bytes) from shard URLs in order, via webdataset (no implicit node/worker split)."""
     import webdataset as wds
 
     register_fsspec_gopen()
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
+                        workersplitter=_every_shard)
     yield from ds
 
 

@@ -115,6 +115,8 @@ class TrainConfig:
     save_interval: int = field_(50, help="save a checkpoint every N steps (and at the end, and on SIGTERM)")
     keep_last: int = field_(2, help="checkpoints to keep")
     log_interval: int = field_(1, help="log/tensorboard every N steps")
+    zero_init: bool = field_(False, help="ZeRO-3 only: build the model inside deepspeed.zero.Init so no rank ever "
+                             "holds it whole (for models too big for one rank's memory)")
 
     def validate(self) -> None:
         ws = world_size()
@@ -173,6 +175,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def register_zero3_external_params(model: torch.nn.Module) -> int:
+    """ZeRO-3 gathers a module's own parameters around its forward; parameters kept in a
+    ``ParameterDict``/``ParameterList`` child are read by the parent without that child's forward running,
+    so they are registered as the parent's external parameters. Returns how many were registered."""
+    import deepspeed
+
+    n = 0
+    for parent in model.modules():
+        for child in parent.children():
+            if isinstance(child, (torch.nn.ParameterDict, torch.nn.ParameterList)):
+                for p in child.parameters():
+                    deepspeed.zero.register_external_parameter(parent, p)
+                    n += 1
+    return n
 
 
 def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool) -> dict:
@@ -275,13 +293,15 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         name = f"{cfg.model.arch}_{cfg.model.preset}"
         kw = model_kwargs(cfg, n_cls, ignore)
-        if cfg.train.zero_stage == 3:
+        if cfg.train.zero_stage == 3 and cfg.train.zero_init:
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 model = create_model(name, **kw)
         else:
             model = create_model(name, **kw)
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if cfg.train.zero_stage == 3:
+            register_zero3_external_params(model)
         self.init_kwargs = dict(model.init_kwargs)
         n_params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr_at(0, cfg),
