@@ -322,7 +322,7 @@ class _HashingStream:
 
 
 class ShardTarWriter:
-    """Writes one shard tar atomically (``storage.AtomicWriter``) through ``webdataset.TarWriter``.
+    """Writes one shard tar atomically (``datasets.atomic.AtomicWriter``) through ``webdataset.TarWriter``.
 
     Members get a fixed mtime so identical inputs give byte-identical tars. ``close()`` publishes the
     tar; ``abort()`` leaves nothing behind. Errors at close (e.g. a failed upload) propagate.
@@ -331,7 +331,7 @@ class ShardTarWriter:
     def __init__(self, url: str):
         import webdataset as wds
 
-        from polymae.pipeline.storage import AtomicWriter
+        from polymae.datasets.atomic import AtomicWriter
 
         self.url = url
         self._sink = AtomicWriter(url)
@@ -375,7 +375,8 @@ class ShardTarWriter:
 
 
 def write_json_atomic(url: str, obj: Any) -> None:
-    from polymae.pipeline.storage import write_bytes_atomic
+    """Pretty, key-sorted JSON written atomically to ``url`` (any fsspec URL)."""
+    from polymae.datasets.atomic import write_bytes_atomic
 
     write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -409,16 +410,20 @@ def done_shards(root: str, split: str) -> dict[int, dict]:
 
     Returns ``{index: stats-or-manifest entry}``.
     """
-    from polymae.pipeline import storage
+    from fsspec.core import url_to_fs
 
     out: dict[int, dict] = {}
     murl = manifest_url(root, split)
-    if storage.exists(murl):
+    fs, mpath = url_to_fs(murl)
+    if fs.exists(mpath):
         for s in read_json(murl).get("shards", []):
             out[int(s["index"])] = s
     d = split_dir(root, split)
-    if storage.exists(d):
-        for url in storage.list_files(d, suffixes=(".stats.json",), recursive=False):
+    fs, dpath = url_to_fs(d)
+    if fs.exists(dpath):
+        proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+        for path in sorted(fs.ls(dpath, detail=False)):
+            url = path if proto in ("file", "local") else f"{proto}://{path}"
             m = re.search(r"-(\d{6})\.stats\.json$", url)
             if m and int(m.group(1)) not in out:
                 out[int(m.group(1))] = read_json(url)

@@ -11,13 +11,13 @@ S3 endpoints and credentials come from the environment (``AWS_ENDPOINT_URL``, ``
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
-import uuid
 from typing import Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from polymae.datasets.atomic import AtomicWriter, is_local, write_bytes_atomic  # noqa: F401 (re-exported)
 
 CHUNK = 8 * 2**20  # bytes per read when hashing/copying
 
@@ -25,11 +25,6 @@ CHUNK = 8 * 2**20  # bytes per read when hashing/copying
 def get_fs(url: str):
     """``(filesystem, path)`` for a URL or local path."""
     return url_to_fs(url)
-
-
-def is_local(url: str) -> bool:
-    fs, _ = url_to_fs(url)
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def join(base: str, *parts: str) -> str:
@@ -49,89 +44,6 @@ def makedirs(url: str) -> None:
     fs, path = url_to_fs(url)
     if is_local(url):
         fs.makedirs(path, exist_ok=True)
-
-
-def _tmp_name(path: str) -> str:
-    d, b = posixpath.split(path)
-    return posixpath.join(d, f".{b}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-class AtomicWriter:
-    """File-like writer that publishes ``url`` only on a clean ``close()``.
-
-    Local: writes ``.{name}.tmp-XXXX`` then ``os.replace``. Remote: fsspec's buffered upload, which an
-    object store makes visible only once the (multipart) upload completes; on error the upload is
-    aborted. Errors raised while flushing/uploading at close propagate to the caller.
-    """
-
-    def __init__(self, url: str, block_size: int = 64 * 2**20):
-        self.url = url
-        self.fs, self.path = url_to_fs(url)
-        self.local = is_local(url)
-        if self.local:
-            self.fs.makedirs(posixpath.dirname(self.path) or ".", exist_ok=True)
-            self.tmp = _tmp_name(self.path)
-            self._fh = open(self.tmp, "wb")
-        else:
-            self.tmp = None
-            self._fh = self.fs.open(self.path, "wb", block_size=block_size)
-        self.bytes_written = 0
-        self._closed = False
-
-    def write(self, data: bytes) -> int:
-        n = self._fh.write(data)
-        self.bytes_written += len(data)
-        return n
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def tell(self) -> int:
-        return self.bytes_written
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.local:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self._fh.close()  # completes the multipart upload; raises on failure
-
-    def abort(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.local:
-            self._fh.close()
-            try:
-                os.remove(self.tmp)
-            except FileNotFoundError:
-                pass
-        else:
-            discard = getattr(self._fh, "discard", None)
-            if discard is not None:
-                discard()
-            else:  # pragma: no cover - filesystems without discard
-                self._fh.close()
-
-    def __enter__(self) -> "AtomicWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` atomically (see :class:`AtomicWriter`)."""
-    with AtomicWriter(url) as w:
-        w.write(data)
 
 
 def read_bytes(url: str) -> bytes:

@@ -27,3 +27,23 @@ def test_console_script_lists_jobs():
     assert r.returncode == 0
     for job in ("label", "pretrain", "evaluate", "publish", "quickstart"):
         assert job in r.stdout
+
+
+def test_layering_arrows_point_down():
+    """DESIGN.md: models -> (torch, timm); datasets -> models; pipeline -> models, datasets; never upwards."""
+    import ast
+
+    forbidden = {"models": ("polymae.datasets", "polymae.pipeline", "polymae.jobs"),
+                 "datasets": ("polymae.pipeline", "polymae.jobs"),
+                 "pipeline": ("polymae.jobs",)}
+    bad = []
+    for folder, banned in forbidden.items():
+        for name in sorted(os.listdir(os.path.join(REPO, folder))):
+            if not name.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(REPO, folder, name)).read())
+            for node in ast.walk(tree):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                bad += [f"{folder}/{name} imports {m}" for m in mods if m.startswith(banned)]
+    assert bad == []

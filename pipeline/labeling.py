@@ -1,0 +1,706 @@
+"""The label job: pseudo-label a collection of images with a depth and a semantic-segmentation teacher
+(MultiMAE, Bachmann et al. 2022, Sec. 3.2) and write WebDataset shards (format: ``datasets/shards.py``).
+
+Flow of :func:`run_label`::
+
+    source (datasets/sources.py) ──list──▶ plan.parquet (key → shard, seeded shuffle, reused on re-runs)
+        │
+        ▼  Ray: one LabelWorker actor per worker holds both teachers (loaded once), ActorPool hands
+           it one shard at a time: read bytes (threads) → load_rgb → teachers in batches → ShardTarWriter
+           → {split}-{index:06d}.stats.json (the done marker)
+        ▼
+    index.parquet (a row per sample) + manifest.json (teachers, label sets, counts, shards + sha256)
+
+Modes: ``resume`` (default) labels only shards without a stats file; ``overwrite`` deletes the split's
+outputs and plans again; ``extend`` keeps every existing shard byte-identical and puts keys that are
+new in the source into new shards after the last one.
+
+Ray: embedded local Ray by default (``ray.init(address="local", ...)``); ``ray_address`` joins a cluster;
+under ``ray job submit`` (``RAY_ADDRESS`` set) the job's cluster is joined.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import re
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import numpy as np
+
+from polymae.datasets import shards as S
+from polymae.datasets.sources import SourceEntry, iter_bytes, open_source
+from polymae.pipeline import storage
+from polymae.pipeline.config import ConfigError, field_, save_config
+
+log = logging.getLogger("polymae.label")
+
+PLAN_NAME = "plan.parquet"
+CONFIG_NAME = "config.yaml"
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+# -------------------------------------------------------------------------------------- config
+@dataclass
+class LabelConfig:
+    """Everything the label job takes (``polymae label key=value ...``)."""
+
+    input: str = field_(help="images: folder (flat or ImageNet-style class folders), .txt list, .parquet with a "
+                             "'uri' column, .tar shards (file, brace pattern or folder); local path or fsspec URL")
+    output: str = field_("work/shards", help="root of the shards; they go to {output}/{split}/ (path or fsspec URL)")
+    split: str = field_("train", help="split name: shards are {split}-{index:06d}.tar")
+    input_kind: Literal["auto", "imagefolder", "folder", "list", "parquet", "tars"] = field_(
+        "auto", help="how to read `input`; auto decides from the URL")
+    samples_per_shard: int = field_(S.DEFAULT_SAMPLES_PER_SHARD, help="images per shard (kept from the plan on re-runs)")
+    depth_teacher: str = field_("dpt", help="depth teacher (dpt, depth_anything) or none")
+    semseg_teacher: str = field_("segformer", help="semseg teacher (segformer, mask2former, oneformer) or none")
+    depth_weights: str | None = field_(None, help="save_pretrained folder/URL of the depth teacher; null = tiny random")
+    semseg_weights: str | None = field_(None, help="save_pretrained folder/URL of the semseg teacher; null = tiny random")
+    teacher_short_side: int = field_(384, help="short side (pixels) of the teachers' input, rounded to the model's multiple")
+    batch_size: int = field_(16, help="images per teacher forward pass")
+    num_workers: int = field_(0, help="Ray actors, each holding both teachers; 0 = one per GPU, else per cpus_per_worker CPUs")
+    cpus_per_worker: int = field_(1, help="CPUs (and torch threads) per actor")
+    device: Literal["auto", "cpu", "cuda"] = field_("auto", help="teacher device; auto = cuda when the cluster has GPUs")
+    ray_address: str | None = field_(None, help="Ray cluster to join (e.g. ray://host:10001, auto); null = embedded local Ray")
+    mode: Literal["resume", "overwrite", "extend"] = field_(
+        "resume", help="resume: skip finished shards; overwrite: redo all; extend: keep shards, add new keys")
+    max_pixels: int = field_(40_000_000, help="images with more pixels are skipped (reason too_large)")
+    seed: int = field_(0, help="seed of the plan's shuffle and of tiny random teachers")
+    read_threads: int = field_(8, help="threads reading source bytes ahead of decoding, per actor")
+    progress: bool = field_(True, help="show a progress bar (images/s) on stderr")
+
+    def validate(self) -> None:
+        """Check values; raises :class:`ConfigError` naming the key."""
+        from polymae.pipeline.teachers import names
+
+        if not str(self.input).strip():
+            raise ConfigError("input", "is required: a folder, .txt/.parquet list or .tar shards")
+        if not str(self.output).strip():
+            raise ConfigError("output", "must not be empty")
+        if not _SPLIT_RE.match(self.split):
+            raise ConfigError("split", f"must match [A-Za-z0-9_]+, got {self.split!r}")
+        for key, task in (("depth_teacher", "depth"), ("semseg_teacher", "semseg")):
+            value = getattr(self, key)
+            if value != "none" and value not in names(task):
+                raise ConfigError(key, f"unknown {task} teacher {value!r}; choose from {names(task) + ['none']}")
+        if self.depth_teacher == "none" and self.semseg_teacher == "none":
+            raise ConfigError("depth_teacher", "both teachers are 'none': nothing to label")
+        for key, teacher in (("depth_weights", self.depth_teacher), ("semseg_weights", self.semseg_teacher)):
+            if getattr(self, key) is not None and teacher == "none":
+                raise ConfigError(key, "is set but its teacher is 'none'")
+        for key, low in (("samples_per_shard", 1), ("teacher_short_side", 32), ("batch_size", 1), ("num_workers", 0),
+                         ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
+
+    def teacher_specs(self, device: str = "cpu") -> dict[str, dict]:
+        """``{task: load_teacher kwargs}`` for the enabled teachers (``task``: ``depth``/``semseg``)."""
+        out = {}
+        for task, name, weights in (("depth", self.depth_teacher, self.depth_weights),
+                                    ("semseg", self.semseg_teacher, self.semseg_weights)):
+            if name != "none":
+                out[task] = dict(name=name, weights=weights, seed=self.seed, short_side=self.teacher_short_side,
+                                 device=device, batch_size=self.batch_size)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """Which key goes to which shard; rows in shard order. Written once as ``{split}/plan.parquet`` and
+    reused, so a key keeps its shard across re-runs."""
+
+    keys: list[str]
+    uris: list[str]
+    cls: list[int | None]
+    shard: list[int]
+    meta: dict
+
+    @property
+    def key_set(self) -> set[str]:
+        return set(self.keys)
+
+    def shards(self) -> dict[int, list[SourceEntry]]:
+        """``{shard index: [entries in shard order]}``."""
+        out: dict[int, list[SourceEntry]] = collections.defaultdict(list)
+        for k, u, c, s in zip(self.keys, self.uris, self.cls, self.shard):
+            out[s].append(SourceEntry(k, u, c))
+        return dict(sorted(out.items()))
+
+    def save(self, url: str) -> None:
+        """Write the plan as parquet (``meta`` in the schema metadata), atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"key": pa.array(self.keys, pa.string()), "uri": pa.array(self.uris, pa.string()),
+                          "cls": pa.array(self.cls, pa.int32()), "shard": pa.array(self.shard, pa.int32())})
+        table = table.replace_schema_metadata({b"polymae_plan": json.dumps(self.meta).encode()})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes_atomic(url, buf.getvalue())
+
+    @classmethod
+    def load(cls, url: str) -> "Plan":
+        """Read a plan written by :meth:`save`."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+        meta = json.loads((table.schema.metadata or {}).get(b"polymae_plan", b"{}"))
+        d = table.to_pydict()
+        return cls(d["key"], d["uri"], d["cls"], d["shard"], meta)
+
+
+def make_plan(entries: list[SourceEntry], samples_per_shard: int, seed: int, first_shard: int = 0) -> tuple[list, list]:
+    """Shuffle ``entries`` with ``seed`` (so class folders mix across shards) and cut them into shards.
+
+    Returns:
+        ``(entries in plan order, shard index of each)``; shards are numbered from ``first_shard``.
+    """
+    ordered = sorted(entries, key=lambda e: e.key)
+    perm = np.random.default_rng([seed, first_shard]).permutation(len(ordered))
+    planned = [ordered[i] for i in perm]
+    return planned, [first_shard + i // samples_per_shard for i in range(len(planned))]
+
+
+# ------------------------------------------------------------------------------------ one shard
+@dataclass
+class ShardJob:
+    """One shard to label: ``index``, output ``url`` and ``stats_url``, its ``entries`` in order, the source
+    ``classes`` (names by class index, or ``None``), and the per-image limits."""
+
+    split: str
+    index: int
+    url: str
+    stats_url: str
+    entries: list[SourceEntry]
+    classes: list[str] | None = None
+    max_pixels: int = 40_000_000
+    batch_size: int = 16
+    read_threads: int = 8
+
+
+def _teacher_brief(meta: dict) -> dict:
+    keep = ("name", "revision", "random_init", "kind", "label_set")
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def _predict_safely(teacher, images: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    """Predict a batch; if the batch fails, predict image by image so one bad image costs one sample."""
+    try:
+        return teacher.predict(images)
+    except Exception:  # noqa: BLE001
+        out: list[np.ndarray | Exception] = []
+        for img in images:
+            try:
+                out.append(teacher.predict([img])[0])
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
+
+
+def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
+    """Label one shard and write ``{split}-{index:06d}.tar`` then its stats file (the done marker).
+
+    Each entry's bytes are read (``read_threads`` ahead), decoded by ``load_rgb`` (EXIF rotation, CMYK,
+    16-bit, palette and alpha handled), labelled by every teacher in batches of ``batch_size`` and
+    written with :class:`~polymae.datasets.shards.ShardTarWriter`. An input that cannot be read or
+    decoded is a *skip* with a reason (``missing``, ``unreadable``, ``empty``, ``undecodable``,
+    ``too_large``, ``teacher_error``); the shard goes on.
+
+    Args:
+        job: the shard.
+        teachers: ``{"depth": DepthTeacher, "semseg": SemsegTeacher}`` (either may be absent).
+    Returns:
+        the stats dict written to ``job.stats_url``: ``samples_in``, ``written``, ``skipped`` (by reason),
+        ``seconds``, ``busy_seconds`` per stage (read, decode, depth, semseg, encode, write), ``teachers``,
+        ``size``/``sha256`` of the tar, and ``samples`` (a row per entry: key, cls, width, height, skipped,
+        detail).
+    Raises:
+        whatever the writer raises (the tar is then removed, no stats file is written).
+    """
+    t_start = time.time()
+    busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", *teachers, "encode", "write")}
+    rows: dict[str, dict] = {}
+    metas = {task: t.metadata() for task, t in teachers.items()}
+    briefs = {task: _teacher_brief(m) for task, m in metas.items()}
+    n = len(job.entries)
+
+    def skip(e: SourceEntry, reason: str, detail: str, size: tuple[int, int] | None = None) -> None:
+        rows[e.key] = {"key": e.key, "cls": e.cls, "width": size[1] if size else None,
+                       "height": size[0] if size else None, "skipped": reason, "detail": detail[:300]}
+
+    writer = S.ShardTarWriter(job.url)
+    try:
+        reader = iter_bytes([e.uri for e in job.entries], threads=job.read_threads)
+        for b0 in range(0, n, job.batch_size):
+            batch = job.entries[b0:b0 + job.batch_size]
+            good: list[tuple[SourceEntry, np.ndarray, bytes, bytes]] = []
+            for e in batch:
+                t0 = time.perf_counter()
+                _, data = next(reader)
+                busy["read"] += time.perf_counter() - t0
+                if isinstance(data, BaseException):
+                    skip(e, "missing" if isinstance(data, FileNotFoundError) else "unreadable",
+                         f"{type(data).__name__}: {data}")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    rgb, jpeg = S.load_rgb(data, max_pixels=job.max_pixels)
+                except S.BadImage as bad:
+                    skip(e, bad.reason, str(bad))
+                    continue
+                finally:
+                    busy["decode"] += time.perf_counter() - t0
+                good.append((e, rgb, jpeg, data))
+            if not good:
+                continue
+            images = [g[1] for g in good]
+            preds: dict[str, list] = {}
+            for task, teacher in teachers.items():
+                t0 = time.perf_counter()
+                preds[task] = _predict_safely(teacher, images)
+                busy[task] += time.perf_counter() - t0
+            for j, (e, rgb, jpeg, data) in enumerate(good):
+                h, w = rgb.shape[:2]
+                errors = [f"{task}: {type(p[j]).__name__}: {p[j]}" for task, p in preds.items()
+                          if isinstance(p[j], Exception)]
+                if errors:
+                    skip(e, "teacher_error", "; ".join(errors), (h, w))
+                    continue
+                t0 = time.perf_counter()
+                meta: dict[str, Any] = {
+                    "schema_version": S.SCHEMA_VERSION, "key": e.key,
+                    "source": {"uri": e.uri, "bytes": len(data), "reencoded": jpeg is not data},
+                    "width": w, "height": h, "teachers": briefs,
+                    "label_resolution": {task: list(t.input_size(h, w)) for task, t in teachers.items()},
+                }
+                sample = S.LabelledSample(key=e.key, rgb_jpeg=jpeg, meta=meta, cls=e.cls)
+                if "depth" in teachers:
+                    sample.depth = preds["depth"][j]
+                    meta["depth"] = {"kind": metas["depth"]["kind"], "teacher": metas["depth"]["name"]}
+                if "semseg" in teachers:
+                    sample.semseg = preds["semseg"][j]
+                    sample.num_classes = metas["semseg"]["num_classes"]
+                    meta["label_set"] = metas["semseg"]["label_set"]
+                    meta["semseg"] = {"label_set": metas["semseg"]["label_set"], "teacher": metas["semseg"]["name"]}
+                if e.cls is not None:
+                    meta["cls"] = int(e.cls)
+                    if job.classes is not None and 0 <= e.cls < len(job.classes):
+                        meta["class_name"] = job.classes[e.cls]
+                encoded = sample.encode()
+                busy["encode"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                writer.write(encoded)
+                busy["write"] += time.perf_counter() - t0
+                rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
+        t0 = time.perf_counter()
+        writer.close()
+        busy["write"] += time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+    samples = [rows[e.key] for e in job.entries]
+    skipped = collections.Counter(r["skipped"] for r in samples if r["skipped"])
+    stats = {
+        "schema_version": S.SCHEMA_VERSION, "split": job.split, "index": job.index,
+        "name": S.shard_name(job.split, job.index), "url": job.url,
+        "samples_in": n, "written": writer.count, "skipped": dict(sorted(skipped.items())),
+        "seconds": round(time.time() - t_start, 4),
+        "busy_seconds": {k: round(v, 4) for k, v in sorted(busy.items())},
+        "teachers": {task: {k: v for k, v in m.items() if k != "class_names"} for task, m in metas.items()},
+        "size": writer.bytes_written, "sha256": writer.sha256,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "samples": samples,
+    }
+    S.write_json_atomic(job.stats_url, stats)
+    return stats
+
+
+class LabelWorker:
+    """Ray actor body: loads the teachers once (``teacher_specs``: ``{task: load_teacher kwargs}``) and
+    labels shards with :func:`label_shard`. ``threads``: torch intra-op threads."""
+
+    def __init__(self, teacher_specs: dict[str, dict], threads: int = 1):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+
+        from polymae.pipeline.teachers import load_teacher
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.teachers = {task: load_teacher(**spec) for task, spec in teacher_specs.items()}
+
+    def metadata(self) -> dict[str, dict]:
+        """``{task: teacher.metadata()}``."""
+        return {task: t.metadata() for task, t in self.teachers.items()}
+
+    def label(self, job: ShardJob) -> dict:
+        """:func:`label_shard`; an exception becomes ``{"index", "error"}`` so the driver knows the shard."""
+        try:
+            return label_shard(job, self.teachers)
+        except Exception as e:  # noqa: BLE001
+            return {"index": job.index, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+# --------------------------------------------------------------------------------------- driver
+def _start_ray(address: str | None) -> bool:
+    """Connect to Ray; returns True when this call started it (the caller then shuts it down)."""
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`
+        ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 object_store_memory=EMBEDDED_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+    return True
+
+
+def _existing_stats(split_url: str, split: str) -> dict[int, str]:
+    """``{index: stats url}`` of the split's finished shards (one listing, not one request per shard)."""
+    if not storage.exists(split_url):
+        return {}
+    out = {}
+    pat = re.compile(rf"(?:^|/){re.escape(split)}-(\d{{6}})\.stats\.json$")
+    for url in storage.list_files(split_url, suffixes=(".stats.json",), recursive=False):
+        m = pat.search(url)
+        if m:
+            out[int(m.group(1))] = url
+    return out
+
+
+def _clear_split(output: str, split: str) -> None:
+    """Delete a split's labelling outputs (manifest and index first, so readers stop trusting them)."""
+    d = S.split_dir(output, split)
+    if not storage.exists(d):
+        return
+    for name in ("manifest.json", "index.parquet"):
+        storage.remove(f"{d}/{name}")
+    pat = re.compile(rf"(?:^|/){re.escape(split)}-\d{{6}}\.(stats\.json|tar)$")
+    files = [u for u in storage.list_files(d, recursive=False) if pat.search(u)]
+    for u in sorted(files, key=lambda u: not u.endswith(".stats.json")):  # done markers before tars
+        storage.remove(u)
+    storage.remove(f"{d}/{PLAN_NAME}")
+
+
+def _same_input(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        u = u.rstrip("/")
+        if u.startswith("file://"):
+            u = u[len("file://"):]
+        return os.path.abspath(u) if "://" not in u else u
+
+    return norm(a) == norm(b)
+
+
+def _write_outputs(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teachers: dict[str, dict],
+                   source_desc: dict) -> tuple[str, str]:
+    """Write ``index.parquet`` and ``manifest.json`` from the shards' stats; returns their URLs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list] = {k: [] for k in ("key", "shard", "cls", "width", "height", "skipped", "uri")}
+    uri_of = dict(zip(plan.keys, plan.uris))
+    for idx in sorted(stats):
+        for r in stats[idx]["samples"]:
+            cols["key"].append(r["key"])
+            cols["shard"].append(idx)
+            cols["cls"].append(r["cls"])
+            cols["width"].append(r["width"])
+            cols["height"].append(r["height"])
+            cols["skipped"].append(r["skipped"])
+            cols["uri"].append(uri_of.get(r["key"]))
+    table = pa.table({"key": pa.array(cols["key"], pa.string()), "shard": pa.array(cols["shard"], pa.int32()),
+                      "cls": pa.array(cols["cls"], pa.int32()), "width": pa.array(cols["width"], pa.int32()),
+                      "height": pa.array(cols["height"], pa.int32()),
+                      "skipped": pa.array(cols["skipped"], pa.string()), "uri": pa.array(cols["uri"], pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    index_url = S.index_url(cfg.output, cfg.split)
+    storage.write_bytes_atomic(index_url, buf.getvalue())
+
+    counts = _totals(stats.values())
+    label_sets = {}
+    for m in teachers.values():
+        if m.get("task") == "semseg":
+            label_sets[m["label_set"]] = {"num_classes": m["num_classes"], "class_names": m.get("class_names"),
+                                          "ignore_index": m["ignore_index"], "teacher": m["name"]}
+    planned = sorted(set(plan.shard))
+    manifest = {
+        "schema_version": S.SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "split": cfg.split, "root": cfg.output,
+        "source": {**source_desc, "classes": plan.meta.get("classes")},
+        "plan": {"samples_per_shard": plan.meta.get("samples_per_shard"), "seed": plan.meta.get("seed"),
+                 "num_shards": len(planned), "num_keys": len(plan.keys)},
+        "teachers": teachers, "label_sets": label_sets,
+        "members": {"rgb": S.RGB, **({"depth": S.DEPTH} if "depth" in teachers else {}),
+                    **({"semseg": S.SEMSEG} if "semseg" in teachers else {}), "meta": S.META, "cls": S.CLS},
+        "counts": {**counts, "shards": len(stats)},
+        "complete": set(planned) <= set(stats),
+        "shards": [{"index": i, "name": stats[i]["name"], "url": S.shard_url(cfg.output, cfg.split, i),
+                    "size": stats[i]["size"], "sha256": stats[i]["sha256"], "samples": stats[i]["written"],
+                    "samples_in": stats[i]["samples_in"],
+                    "teachers": {t: m.get("revision") for t, m in stats[i].get("teachers", {}).items()}}
+                   for i in sorted(stats)],
+        "urls": S.brace_pattern(cfg.output, cfg.split, sorted(stats)) if stats else None,
+    }
+    manifest_url = S.manifest_url(cfg.output, cfg.split)
+    S.write_json_atomic(manifest_url, manifest)
+    return index_url, manifest_url
+
+
+def _totals(stats: Iterable[dict]) -> dict:
+    skipped: collections.Counter = collections.Counter()
+    n_in = n_out = 0
+    for s in stats:
+        n_in += s["samples_in"]
+        n_out += s["written"]
+        skipped.update(s.get("skipped", {}))
+    return {"samples_in": n_in, "written": n_out, "skipped": dict(sorted(skipped.items()))}
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"label {summary['split']} → {summary['output']}", show_header=True)
+    t.add_column("")
+    t.add_column("this run", justify="right")
+    t.add_column("all shards", justify="right")
+    run, tot = summary["run"], summary["total"]
+    t.add_row("images in", str(run["samples_in"]), str(tot["samples_in"]))
+    t.add_row("written", str(run["written"]), str(tot["written"]))
+    reasons = sorted(set(run["skipped"]) | set(tot["skipped"]))
+    if not reasons:
+        t.add_row("skipped", "0", "0")
+    for r in reasons:
+        t.add_row(f"skipped: {r}", str(run["skipped"].get(r, 0)), str(tot["skipped"].get(r, 0)))
+    t.add_row("shards", f"{summary['shards_labelled']} labelled", f"{summary['shards_done']}/{summary['shards_planned']}")
+    if summary["shards_failed"]:
+        t.add_row("failed shards", str(len(summary["shards_failed"])), "")
+    t.add_row("seconds (labelling)", f"{summary['seconds']:.1f} ({summary['label_seconds']:.1f})", "")
+    t.add_row("images/s (labelling)", f"{summary['images_per_s']:.2f}", "")
+    Console().print(t)
+
+
+def run_label(cfg: LabelConfig) -> dict:
+    """Run the label job (see the module docstring).
+
+    Returns:
+        summary dict: ``output`` (split folder), ``split``, ``mode``, ``plan``/``manifest``/``index`` URLs;
+        over all finished shards ``samples_in``, ``written``, ``skipped`` (int), ``skipped_by_reason``,
+        ``shards``; ``shards_planned``, ``shards_done``, ``shards_labelled`` (this run), ``shards_reused``,
+        ``shards_failed`` (indices), ``run`` and ``total`` counts (``samples_in``, ``written``, ``skipped``
+        by reason), ``seconds`` (wall time of the call), ``label_seconds`` (from the first worker being
+        ready to the last shard), ``images_per_s`` (images in this run / ``label_seconds``), ``workers``,
+        ``teachers`` (``{task: {name, revision, random_init, kind | label_set}}``).
+    Raises:
+        SourceError: the input cannot be listed. FileNotFoundError: teacher weights missing.
+        ValueError: the output was planned from another input, or its shards were labelled by other
+        teachers (use ``mode=overwrite``). RuntimeError: some shards failed (after the manifest of the
+        finished ones is written; a re-run resumes them).
+    """
+    t_start = time.time()
+    split_url = S.split_dir(cfg.output, cfg.split)
+    plan_url = f"{split_url}/{PLAN_NAME}"
+    for key in ("depth_weights", "semseg_weights"):
+        w = getattr(cfg, key)
+        if w is not None and not storage.exists(w):
+            raise FileNotFoundError(f"{key}: {w} does not exist")
+    source = open_source(cfg.input, cfg.input_kind)
+    if cfg.mode == "overwrite":
+        _clear_split(cfg.output, cfg.split)
+    storage.makedirs(split_url)
+
+    plan = Plan.load(plan_url) if storage.exists(plan_url) else None
+    if plan is not None:
+        if not _same_input(plan.meta.get("source", {}).get("url", ""), cfg.input):
+            raise ValueError(f"{split_url} was planned from input {plan.meta.get('source', {}).get('url')!r}, not "
+                             f"{cfg.input!r}; use mode=overwrite to relabel or another output/split")
+        if plan.meta.get("samples_per_shard") != cfg.samples_per_shard:
+            log.warning("keeping the plan's samples_per_shard=%s (config says %s)",
+                        plan.meta.get("samples_per_shard"), cfg.samples_per_shard)
+        known = plan.key_set
+        new = [e for e in source.entries if e.key not in known]
+        if new and cfg.mode == "extend":
+            new = _keep_class_indices(plan, source.classes, new)
+            first = max(plan.shard) + 1 if plan.shard else 0
+            spp = int(plan.meta.get("samples_per_shard") or cfg.samples_per_shard)
+            planned, shard_of = make_plan(new, spp, cfg.seed, first_shard=first)
+            plan.keys += [e.key for e in planned]
+            plan.uris += [e.uri for e in planned]
+            plan.cls += [e.cls for e in planned]
+            plan.shard += shard_of
+            plan.meta["extended"] = plan.meta.get("extended", []) + [{"first_shard": first, "keys": len(planned)}]
+            plan.meta["source"] = source.describe()
+            plan.save(plan_url)
+            log.info("extend: %d new keys in shards %d..%d", len(planned), first, max(shard_of))
+        elif new:
+            log.warning("%d source images are not in the plan (e.g. %s); rerun with --extend to label them",
+                        len(new), new[0].key)
+        gone = len(known - {e.key for e in source.entries})
+        if gone:
+            log.warning("%d planned keys are no longer in the source", gone)
+    else:
+        planned, shard_of = make_plan(source.entries, cfg.samples_per_shard, cfg.seed)
+        plan = Plan([e.key for e in planned], [e.uri for e in planned], [e.cls for e in planned], shard_of,
+                    {"schema_version": S.SCHEMA_VERSION, "source": source.describe(), "classes": source.classes,
+                     "samples_per_shard": cfg.samples_per_shard, "seed": cfg.seed,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        plan.save(plan_url)
+    save_config(cfg, f"{split_url}/{CONFIG_NAME}")
+
+    by_shard = plan.shards()
+    existing = _existing_stats(split_url, cfg.split)
+    done_before = {i: existing[i] for i in by_shard if i in existing}
+    pending = [i for i in by_shard if i not in done_before]
+    stats: dict[int, dict] = {i: S.read_json(u) for i, u in done_before.items()}
+    log.info("%s: %d images in %d shards; %d shards to label, %d already done", split_url, len(plan.keys),
+             len(by_shard), len(pending), len(done_before))
+
+    failed: dict[int, str] = {}
+    teachers_meta: dict[str, dict] = {}
+    n_workers = 0
+    run_seconds = 0.0
+    if pending:
+        teachers_meta, n_workers, run_seconds = _label_pending(cfg, plan, by_shard, pending, stats, failed)
+    if not teachers_meta:  # nothing labelled now: describe the teachers from the shards' stats
+        for s in stats.values():
+            teachers_meta = s.get("teachers", {})
+            break
+    index_url, manifest_url = _write_outputs(cfg, plan, stats, teachers_meta, source.describe())
+
+    run_stats = [stats[i] for i in pending if i in stats]
+    run_totals = _totals(run_stats)
+    totals = _totals(stats.values())
+    summary = {
+        "output": split_url, "split": cfg.split, "mode": cfg.mode,
+        "plan": plan_url, "manifest": manifest_url, "index": index_url,
+        "samples_in": totals["samples_in"], "written": totals["written"],
+        "skipped": sum(totals["skipped"].values()), "skipped_by_reason": totals["skipped"], "shards": len(stats),
+        "shards_planned": len(by_shard), "shards_done": len(stats), "shards_labelled": len(run_stats),
+        "shards_reused": len(done_before), "shards_failed": sorted(failed),
+        "run": run_totals, "total": totals,
+        "seconds": round(time.time() - t_start, 3), "label_seconds": round(run_seconds, 3),
+        "images_per_s": round(run_totals["samples_in"] / run_seconds, 3) if run_stats and run_seconds > 0 else 0.0,
+        "workers": n_workers,
+        "teachers": {t: _teacher_brief(m) for t, m in teachers_meta.items()},
+    }
+    _print_summary(summary)
+    if failed:
+        lines = "\n".join(f"  shard {i}: {msg}" for i, msg in sorted(failed.items()))
+        raise RuntimeError(f"{len(failed)} shard(s) failed (re-run to resume them):\n{lines}")
+    return summary
+
+
+def _keep_class_indices(plan: Plan, source_classes: list[str] | None, new: list[SourceEntry]) -> list[SourceEntry]:
+    """Map new entries' class indices onto the plan's class list so finished shards stay valid: known
+    class names keep their index, new class names are appended (updates ``plan.meta["classes"]``)."""
+    if source_classes is None:
+        return new
+    classes = list(plan.meta.get("classes") or [])
+    added = [c for c in source_classes if c not in classes]
+    classes += added
+    if added:
+        log.warning("extend: %d new classes appended after the existing %d (e.g. %r); class indices of the "
+                    "finished shards are kept, so the class list is no longer in sorted order",
+                    len(added), len(classes) - len(added), added[0])
+    plan.meta["classes"] = classes
+    index = {c: i for i, c in enumerate(classes)}
+    return [e._replace(cls=index[source_classes[e.cls]]) if e.cls is not None else e for e in new]
+
+
+def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[SourceEntry]], pending: list[int],
+                   stats: dict[int, dict], failed: dict[int, str]) -> tuple[dict, int, float]:
+    """Label ``pending`` shards on Ray actors; fills ``stats``/``failed``.
+
+    Returns:
+        ``(teacher metadata, number of workers, seconds from the first worker being ready to the last shard)``.
+    """
+    from tqdm import tqdm
+
+    started = _start_ray(cfg.ray_address)
+    import ray
+    from ray.util import ActorPool
+
+    try:
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+        if use_cuda and gpus == 0:
+            raise RuntimeError("device=cuda but the Ray cluster has no GPUs")
+        auto = gpus if use_cuda else max(1, int(res.get("CPU", 1)) // cfg.cpus_per_worker)
+        n_workers = max(1, min(cfg.num_workers or auto, len(pending)))
+        specs = cfg.teacher_specs(device="cuda" if use_cuda else "cpu")
+        actor_cls = ray.remote(LabelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_cuda else 0,
+                                                    max_restarts=1, max_task_retries=1)
+        actors = [actor_cls.remote(specs, cfg.cpus_per_worker) for _ in range(n_workers)]
+        teachers_meta = ray.get(actors[0].metadata.remote())
+        _check_teachers(teachers_meta, stats)
+        classes = plan.meta.get("classes")
+        jobs = [ShardJob(cfg.split, i, S.shard_url(cfg.output, cfg.split, i), S.stats_url(cfg.output, cfg.split, i),
+                         by_shard[i], classes, cfg.max_pixels, cfg.batch_size, cfg.read_threads) for i in pending]
+        t_ready = time.time()
+        pool = ActorPool(actors)
+        for job in jobs:
+            pool.submit(lambda a, j: a.label.remote(j), job)
+        bar = tqdm(total=sum(len(j.entries) for j in jobs), unit="img", desc=f"label {cfg.split}",
+                   disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
+        got: set[int] = set()
+        try:
+            while pool.has_next():
+                try:
+                    out = pool.get_next_unordered()
+                except Exception as e:  # noqa: BLE001 - an actor died twice; which shard is found below
+                    log.error("a shard task failed: %s", e)
+                    continue
+                got.add(out["index"])
+                if "error" in out:
+                    failed[out["index"]] = out["error"]
+                    log.error("shard %d failed: %s\n%s", out["index"], out["error"], out.get("traceback", ""))
+                    continue
+                stats[out["index"]] = out
+                bar.update(out["samples_in"])
+                skipped = sum(stats[i]["samples_in"] - stats[i]["written"] for i in got if i in stats)
+                bar.set_postfix(shards=f"{len(got)}/{len(jobs)}", skipped=skipped, refresh=False)
+        finally:
+            bar.close()
+        for i in pending:
+            if i not in got:
+                failed[i] = "the worker died (see the Ray logs)"
+        seconds = time.time() - t_ready
+        for a in actors:
+            ray.kill(a)
+        return teachers_meta, n_workers, seconds
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _check_teachers(current: dict[str, dict], stats: dict[int, dict]) -> None:
+    """Refuse to mix teachers: finished shards must have been labelled by the same teachers/revisions.
+
+    Raises:
+        ValueError: naming the shard and both teachers.
+    """
+    want = {t: (m["name"], m["revision"]) for t, m in current.items()}
+    for i, s in sorted(stats.items()):
+        have = {t: (m.get("name"), m.get("revision")) for t, m in s.get("teachers", {}).items()}
+        if have != want:
+            raise ValueError(f"shard {i} was labelled by {have}, the configured teachers are {want}; "
+                             "use mode=overwrite to relabel everything or another output/split")

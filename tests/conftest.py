@@ -1,0 +1,93 @@
+"""Shared pytest fixtures.
+
+* ``photos_dir`` (session): the photographs that scikit-image ships, written as JPEG/PNG into a folder.
+* ``skimage_photo`` / ``photo_writer`` (session): the helpers behind ``photos_dir`` as functions.
+* ``ray_local`` (session): an embedded local Ray (2 CPUs, no dashboard) with the environment that Ray
+  needs on the reference machine (see /work/shared/INFRA_NOTES.md); shut down at the end.
+
+Fixtures here are self-contained; add new ones below without changing these.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# name -> (file name, array factory). camera and coins are grayscale; the rest RGB; all <= 640 px.
+PHOTOS = {
+    "astronaut": "astronaut.jpg",
+    "coffee": "coffee.jpg",
+    "chelsea": "chelsea.jpg",
+    "rocket": "rocket.jpg",
+    "camera": "camera.jpg",      # grayscale JPEG
+    "coins": "coins.png",        # grayscale PNG
+    "immunohistochemistry": "immunohistochemistry.png",
+    "colorwheel": "colorwheel.jpg",
+}
+
+RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def photo_array(name: str) -> np.ndarray:
+    """uint8 ``[H, W]`` or ``[H, W, 3]`` scikit-image photograph ``name``."""
+    import skimage.data
+
+    return np.asarray(getattr(skimage.data, name)())
+
+
+def write_photos(folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Write the photos (JPEG quality 90 / PNG) into ``folder``; returns the paths."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names or list(PHOTOS):
+        fname = PHOTOS[name]
+        path = folder / fname
+        img = Image.fromarray(photo_array(name))
+        if fname.endswith(".jpg"):
+            img.save(path, format="JPEG", quality=90)
+        else:
+            img.save(path, format="PNG")
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """Folder with the scikit-image photographs of :data:`PHOTOS` (treat as read-only; copy to modify)."""
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def skimage_photo():
+    """The function :func:`photo_array` (``name -> uint8 array``), for tests that build inputs from photos."""
+    return photo_array
+
+
+@pytest.fixture(scope="session")
+def photo_writer():
+    """The function :func:`write_photos` (``(folder, names) -> paths``)."""
+    return write_photos
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Embedded local Ray for the whole session (``ray.init(address="local", num_cpus=2, ...)``)."""
+    for k, v in RAY_TEST_ENV.items():
+        os.environ.setdefault(k, v)
+    ray = pytest.importorskip("ray")
+    started = False
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+                 logging_level="WARNING")
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,316 @@
+"""The label job end to end on embedded Ray: real photographs (scikit-image) plus broken and unusual inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from polymae.datasets import shards as S
+from polymae.datasets.sources import make_key
+from polymae.pipeline.config import ConfigError, load_config
+from polymae.pipeline.labeling import LabelConfig, run_label
+
+pytestmark = pytest.mark.integration
+
+SPS = 3  # samples per shard
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cfg(**kw) -> LabelConfig:
+    base = dict(samples_per_shard=SPS, teacher_short_side=64, batch_size=4, num_workers=2, progress=False,
+                read_threads=2)
+    base.update(kw)
+    return LabelConfig(**base)
+
+
+def _bad_inputs(folder: Path, photo_array) -> dict[str, str | None]:
+    """Write the unusual inputs; returns file name -> expected skip reason (None = converted to RGB)."""
+    astro = (folder / "astronaut.jpg").read_bytes()
+    (folder / "zero_bytes.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(astro[: len(astro) // 3])
+    (folder / "text_named.jpg").write_text("this is not a JPEG, just text\n")
+    Image.fromarray(photo_array("logo"), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(photo_array("chelsea")).convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(
+        folder / "palette.png")
+    Image.fromarray(photo_array("camera").astype(np.uint16) * 257).save(folder / "gray16.png")
+    Image.fromarray(photo_array("coffee")).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    img = Image.fromarray(photo_array("rocket"))
+    exif = img.getexif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    img.save(folder / "exif_rotated.jpg", quality=95, exif=exif.tobytes())
+    return {"zero_bytes.jpg": "empty", "truncated.jpg": "undecodable", "text_named.jpg": "undecodable",
+            "rgba.png": None, "palette.png": None, "gray16.png": None, "cmyk.jpg": None, "exif_rotated.jpg": None}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, photos_dir, ray_local, skimage_photo):
+    root = tmp_path_factory.mktemp("label")
+    src = root / "src"
+    shutil.copytree(photos_dir, src)
+    expected = {f.name: None for f in src.iterdir()}
+    expected.update(_bad_inputs(src, skimage_photo))
+    out = root / "out"
+    summary = run_label(_cfg(input=str(src), output=str(out)))
+    return {"src": src, "out": out, "split": out / "train", "summary": summary, "expected": expected}
+
+
+def _tars(split: Path) -> list[Path]:
+    return sorted(split.glob("train-*.tar"))
+
+
+def test_shards_and_keys(labelled):
+    split, expected, summary = labelled["split"], labelled["expected"], labelled["summary"]
+    n = len(expected)
+    assert n == 16
+    n_shards = -(-n // SPS)
+    assert summary["shards_planned"] == summary["shards_labelled"] == n_shards and summary["shards_failed"] == []
+    tars = _tars(split)
+    assert [p.name for p in tars] == [S.shard_name("train", i) for i in range(n_shards)]
+    assert len(list(split.glob("train-*.stats.json"))) == n_shards
+    skips = {make_key(f): r for f, r in expected.items() if r}
+    good = {make_key(f) for f, r in expected.items() if r is None}
+    assert summary["total"]["samples_in"] == n and summary["total"]["written"] == len(good)
+    assert summary["total"]["skipped"] == summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2}
+    assert (summary["written"], summary["skipped"], summary["shards"]) == (len(good), 3, n_shards)
+    keys_in_tars = []
+    for p in tars:
+        with tarfile.open(p) as tf:  # plain tarfile reads every shard
+            names = tf.getnames()
+        keys_in_tars += sorted({n.split(".", 1)[0] for n in names})
+        for n in names:
+            assert n.split(".", 1)[1] in ("rgb.jpg", "depth.png", "semseg.png", "json")
+    assert sorted(keys_in_tars) == sorted(good)
+    index = pq.read_table(split / "index.parquet").to_pylist()
+    assert sorted(r["key"] for r in index) == sorted(make_key(f) for f in expected)
+    for r in index:
+        assert r["skipped"] == skips.get(r["key"])
+        assert (r["width"] is None) == (r["skipped"] is not None)
+    assert (split / "plan.parquet").exists() and (split / "config.yaml").exists()
+
+
+def test_webdataset_decodes_every_sample(labelled, skimage_photo):
+    photo_array = skimage_photo
+    split, src = labelled["split"], labelled["src"]
+    raw = list(S.iter_raw_samples([str(p) for p in _tars(split)]))
+    assert len(raw) == labelled["summary"]["total"]["written"]
+    by_key = {}
+    for r in raw:
+        d = S.decode_sample(r)
+        h, w = d["rgb"].shape[:2]
+        assert d["depth"].shape == (h, w) and d["semseg"].shape == (h, w)
+        m = d["meta"]
+        assert (m["width"], m["height"]) == (w, h)
+        assert m["teachers"]["depth"]["name"] == "dpt" and m["teachers"]["semseg"]["name"] == "segformer"
+        assert m["teachers"]["depth"]["random_init"] is True
+        assert m["label_set"] == "random-150" and m["semseg"]["ignore_index"] == 255
+        assert m["depth"]["kind"] == "relative_inverse" and m["depth"]["depth_range"] > 0
+        assert set(m["label_resolution"]) == {"depth", "semseg"}
+        assert d["semseg"].max() < 150 and d["cls"] is None
+        by_key[d["key"]] = (d, r)
+    # plain JPEG sources are stored byte for byte
+    d, r = by_key["chelsea"]
+    assert r[S.RGB] == (src / "chelsea.jpg").read_bytes() and d["meta"]["source"]["reencoded"] is False
+
+    def close(key, want, tol=6.0):
+        got = by_key[key][0]["rgb"].astype(np.float64)
+        assert got.shape == want.shape, key
+        assert np.abs(got - want).mean() < tol, key
+
+    logo = photo_array("logo").astype(np.float64)
+    alpha = logo[..., 3:] / 255.0
+    close("rgba", logo[..., :3] * alpha + 255.0 * (1 - alpha))
+    close("palette", np.array(Image.open(src / "palette.png").convert("RGB"), np.float64))
+    close("gray16", np.repeat(photo_array("camera")[..., None], 3, axis=2).astype(np.float64))
+    close("cmyk", photo_array("coffee").astype(np.float64), tol=8.0)
+    close("exif_rotated", np.rot90(photo_array("rocket"), k=-1).astype(np.float64))
+    for key in ("rgba", "palette", "gray16", "cmyk", "exif_rotated"):
+        assert by_key[key][0]["meta"]["source"]["reencoded"] is True
+
+
+def test_stats_and_manifest_checksums(labelled):
+    split = labelled["split"]
+    manifest = json.loads((split / "manifest.json").read_text())
+    assert manifest["schema_version"] == S.SCHEMA_VERSION and manifest["complete"] is True
+    assert manifest["counts"]["samples_in"] == 16 and manifest["counts"]["shards"] == len(_tars(split))
+    assert set(manifest["teachers"]) == {"depth", "semseg"}
+    assert manifest["label_sets"]["random-150"]["num_classes"] == 150
+    for entry in manifest["shards"]:
+        p = split / entry["name"]
+        stats = json.loads((split / S.stats_name("train", entry["index"])).read_text())
+        assert entry["sha256"] == stats["sha256"] == _sha(p)
+        assert entry["size"] == stats["size"] == p.stat().st_size
+        assert entry["samples"] == stats["written"]
+        assert stats["samples_in"] == len(stats["samples"]) <= SPS
+        assert stats["written"] + sum(stats["skipped"].values()) == stats["samples_in"]
+        assert {"read", "decode", "depth", "semseg", "encode", "write"} <= set(stats["busy_seconds"])
+        assert stats["seconds"] > 0 and stats["teachers"]["semseg"]["label_set"] == "random-150"
+    # a shard that holds a broken input still holds its good images
+    bad_shards = [json.loads(p.read_text()) for p in split.glob("*.stats.json")]
+    assert any(s["skipped"] and s["written"] > 0 for s in bad_shards)
+    assert S.done_shards(str(labelled["out"]), "train").keys() == {e["index"] for e in manifest["shards"]}
+
+
+def test_resume_redoes_nothing(labelled):
+    split = labelled["split"]
+    before = {p.name: (p.stat().st_mtime_ns, _sha(p)) for p in split.glob("train-*")}
+    summary = run_label(_cfg(input=str(labelled["src"]), output=str(labelled["out"])))
+    assert summary["shards_labelled"] == 0 and summary["shards_reused"] == summary["shards_planned"]
+    assert summary["total"]["written"] == labelled["summary"]["total"]["written"]
+    after = {p.name: (p.stat().st_mtime_ns, _sha(p)) for p in split.glob("train-*")}
+    assert after == before
+
+
+def test_extend_then_overwrite(tmp_path, ray_local, photo_writer):
+    write_photos = photo_writer
+    src = tmp_path / "classes"
+    write_photos(src / "cats", ["chelsea", "coffee"])
+    write_photos(src / "things", ["rocket", "coins"])
+    out = tmp_path / "out"
+    first = run_label(_cfg(input=str(src), output=str(out), num_workers=1))
+    split = out / "train"
+    assert first["shards_planned"] == 2
+    old = {p.name: _sha(p) for p in _tars(split)}
+    write_photos(src / "people", ["astronaut"])
+    write_photos(src / "things", ["camera"])
+    # resume does not pick up new images (it warns); extend does, in new shards only
+    assert run_label(_cfg(input=str(src), output=str(out)))["shards_labelled"] == 0
+    ext = run_label(_cfg(input=str(src), output=str(out), mode="extend", num_workers=1))
+    assert ext["shards_labelled"] == 1 and ext["shards_planned"] == 3
+    assert {p.name: _sha(p) for p in _tars(split) if p.name in old} == old  # byte-identical
+    new = [p for p in _tars(split) if p.name not in old]
+    with tarfile.open(new[0]) as tf:
+        keys = {n.split(".", 1)[0] for n in tf.getnames()}
+    assert keys == {"people__astronaut", "things__camera"}
+    raw = {r["__key__"]: S.decode_sample(r) for r in S.iter_raw_samples([str(p) for p in _tars(split)])}
+    # class indices of finished shards stay valid: a new class is appended, not inserted
+    assert raw["cats__chelsea"]["cls"] == 0 and raw["things__rocket"]["cls"] == raw["things__camera"]["cls"] == 1
+    assert raw["people__astronaut"]["cls"] == 2 and raw["things__camera"]["meta"]["class_name"] == "things"
+    manifest = json.loads((split / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 3 and manifest["source"]["classes"] == ["cats", "things", "people"]
+    # overwrite plans afresh (6 images, 3 per shard) and relabels everything; stale shards are removed
+    again = run_label(_cfg(input=str(src), output=str(out), mode="overwrite", num_workers=1))
+    assert again["shards_labelled"] == again["shards_planned"] == 2 and again["shards_reused"] == 0
+    assert [p.name for p in _tars(split)] == ["train-000000.tar", "train-000001.tar"]
+    assert not (split / "train-000002.stats.json").exists()
+    plan = pq.read_table(split / "plan.parquet").to_pydict()
+    assert sorted(plan["key"]) == sorted(raw)
+    relabelled = {r["__key__"]: r for r in S.iter_raw_samples([str(p) for p in _tars(split)])}
+    assert sorted(relabelled) == sorted(raw)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(LabelConfig, None, [])
+    assert e.value.key == "input"
+    for override, key in (("samples_per_shard=0", "samples_per_shard"), ("depth_teacher=midas", "depth_teacher"),
+                          ("mode=sometimes", "mode"), ("split=a/b", "split"), ("batch_size=x", "batch_size"),
+                          ("bogus=1", "bogus")):
+        with pytest.raises(ConfigError) as e:
+            load_config(LabelConfig, None, ["input=x", override])
+        assert e.value.key == key, override
+    cfg = load_config(LabelConfig, None, ["input=x", "semseg_teacher=none"])
+    assert cfg.output == "work/shards" and cfg.mode == "resume" and "semseg" not in cfg.teacher_specs()
+
+
+def test_cli_flags_and_help(tmp_path, ray_local, photo_writer, capsys):
+    write_photos = photo_writer
+    from polymae.jobs.common import parse_config
+    from polymae.jobs.label import _flags, main
+
+    cfg, _ = parse_config(LabelConfig, ["input=x", "--address", "ray://h:10001", "--extend"], "label", "",
+                          {"address": "ray_address", "mode_flag": "mode"}, _flags)
+    assert cfg.ray_address == "ray://h:10001" and cfg.mode == "extend"
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "samples_per_shard" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "input" in capsys.readouterr().err
+    src = tmp_path / "few"
+    write_photos(src, ["coins", "camera"])
+    assert main([f"input={src}", f"output={tmp_path / 'o'}", "samples_per_shard=4", "teacher_short_side=64",
+                 "depth_teacher=depth_anything", "semseg_teacher=none", "progress=false"]) == 0
+    assert "images in" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "o" / "train" / "train-000000.stats.json").read_text())
+    assert stats["written"] == 2 and set(stats["teachers"]) == {"depth"}
+    raw = list(S.iter_raw_samples([str(tmp_path / "o" / "train" / "train-000000.tar")]))
+    assert all(S.SEMSEG not in r and S.DEPTH in r for r in raw)
+
+
+@pytest.fixture()
+def moto_s3(tmp_path, monkeypatch):
+    """A moto S3 server on 127.0.0.1 (own process, stopped by its PID) and the AWS_* environment for it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    server = Path(sys.executable).parent / "moto_server"
+    if not server.exists():
+        pytest.skip("moto_server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "moto.log", "wb")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_label_from_and_to_s3_with_the_cli(moto_s3, tmp_path, photo_writer):
+    """`python -m polymae.jobs.label` in a fresh process (its own embedded Ray) reading and writing s3://."""
+    import os
+    import subprocess
+    import sys
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("polymae-test")
+    local = tmp_path / "photos"
+    photo_writer(local, ["chelsea", "coins", "rocket"])
+    for p in local.iterdir():
+        fs.pipe(f"polymae-test/photos/{p.name}", p.read_bytes())
+    env = {**os.environ, **moto_s3, "POLYMAE_LOG_LEVEL": "WARNING"}
+    args = [sys.executable, "-m", "polymae.jobs.label", "input=s3://polymae-test/photos",
+            "output=s3://polymae-test/shards", "samples_per_shard=2", "teacher_short_side=64", "num_workers=1",
+            "progress=false"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images in" in done.stdout
+    manifest = json.loads(fs.cat_file("polymae-test/shards/train/manifest.json"))
+    assert manifest["counts"]["written"] == 3 and len(manifest["shards"]) == 2
+    for entry in manifest["shards"]:
+        assert entry["url"].startswith("s3://polymae-test/shards/train/")
+        assert hashlib.sha256(fs.cat_file(entry["url"])).hexdigest() == entry["sha256"]
+    assert fs.exists("polymae-test/shards/train/index.parquet")
+    assert not [p for p in fs.find("polymae-test/shards") if ".tmp" in p]
+    raw = list(S.iter_raw_samples([e["url"] for e in manifest["shards"]]))  # webdataset via fsspec
+    assert sorted(r["__key__"] for r in raw) == ["chelsea", "coins", "rocket"]
