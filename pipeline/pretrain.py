@@ -115,6 +115,9 @@ class TrainConfig:
     save_interval: int = field_(50, help="save a checkpoint every N steps (and at the end, and on SIGTERM)")
     keep_last: int = field_(2, help="checkpoints to keep")
     log_interval: int = field_(1, help="log/tensorboard every N steps")
+    peak_tflops: float = field_(0.0, help="per-device peak TFLOP/s for MFU; 0 = known GPUs' bf16 dense peak "
+                                "(H100/H200 989, A100 312), none on CPU")
+    wandb_project: str = field_("", help="also log to this Weights & Biases project (needs `pip install wandb`)")
     zero_init: bool = field_(False, help="ZeRO-3 only: build the model inside deepspeed.zero.Init so no rank ever "
                              "holds it whole (for models too big for one rank's memory)")
 
@@ -129,6 +132,11 @@ class TrainConfig:
                               f" x ranks ({ws})")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("wandb_project", "is set but wandb is not installed (pip install wandb)")
         if self.save_interval < 1 or self.keep_last < 1:
             raise ConfigError("save_interval" if self.save_interval < 1 else "keep_last", "must be >= 1")
 
@@ -175,6 +183,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def device_peak_flops(cfg_tflops: float) -> float | None:
+    """Peak dense bf16 FLOP/s of one device for MFU: the configured value, else a known GPU's, else None."""
+    if cfg_tflops > 0:
+        return cfg_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tf in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory (CUDA allocator) or, on CPU, the process's peak resident set size, in GiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def register_zero3_external_params(model: torch.nn.Module) -> int:
@@ -398,6 +427,13 @@ class Trainer:
         last: dict = {}
         step = self.start_step
         tokens_per_sample = None
+        flops_per_sample: float | None = None
+        peak = device_peak_flops(cfg.train.peak_tflops)
+        wandb_run = None
+        if self.rank == 0 and cfg.train.wandb_project:
+            import wandb
+
+            wandb_run = wandb.init(project=cfg.train.wandb_project, config=to_dict(cfg), resume="allow")
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             wait = 0.0
@@ -409,8 +445,16 @@ class Trainer:
                 tw = time.perf_counter()
                 batch = next(it)
                 wait += time.perf_counter() - tw
-                out = self._forward(self._inputs(batch), self._mask_generator(step, micro))
-                self.engine.backward(out.loss)
+                if flops_per_sample is None:  # count once, on the first micro-batch (torch's FLOP counter)
+                    from torch.utils.flop_counter import FlopCounterMode
+
+                    with FlopCounterMode(display=False) as fc:
+                        out = self._forward(self._inputs(batch), self._mask_generator(step, micro))
+                        self.engine.backward(out.loss)
+                    flops_per_sample = fc.get_total_flops() / batch["rgb"].shape[0]
+                else:
+                    out = self._forward(self._inputs(batch), self._mask_generator(step, micro))
+                    self.engine.backward(out.loss)
                 self.engine.step()
                 loss_sum[0] += out.loss.detach().float().cpu().item()
                 for i, m in enumerate(mods):
@@ -429,7 +473,10 @@ class Trainer:
                         "losses": {m: float(loss_sum[1 + i]) for i, m in enumerate(mods)},
                         "lr": lr, "grad_norm": float(gn) if gn is not None else None,
                         "images_per_s": ips, "tokens_per_s": ips * (tokens_per_sample or 0),
-                        "data_wait_pct": 100.0 * wait / dt, "step_s": dt}
+                        "data_wait_pct": 100.0 * wait / dt, "step_s": dt,
+                        "tflops_per_s": (flops_per_sample or 0) * ips / 1e12,
+                        "mfu": (flops_per_sample or 0) * ips / (peak * self.world) if peak else None,
+                        "peak_memory_gib": peak_memory_gib()}
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(last) + "\n")
                 if tb is not None:
@@ -442,8 +489,13 @@ class Trainer:
                     tb.add_scalar("throughput/images_per_s", ips, step)
                     tb.add_scalar("throughput/tokens_per_s", last["tokens_per_s"], step)
                     tb.add_scalar("throughput/data_wait_pct", last["data_wait_pct"], step)
-                    if torch.cuda.is_available():
-                        tb.add_scalar("memory/peak_gib", torch.cuda.max_memory_allocated() / 2**30, step)
+                    tb.add_scalar("throughput/tflops_per_s", last["tflops_per_s"], step)
+                    if last["mfu"] is not None:
+                        tb.add_scalar("throughput/mfu", last["mfu"], step)
+                    tb.add_scalar("memory/peak_gib", last["peak_memory_gib"], step)
+                if wandb_run is not None:
+                    wandb_run.log({k: v for k, v in last.items() if k != "losses"}
+                                  | {f"loss/{m}": v for m, v in last["losses"].items()}, step=step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             bar.update(1)
             stop = torch.tensor([1 if self._stop else 0])
@@ -456,6 +508,8 @@ class Trainer:
         bar.close()
         if tb is not None:
             tb.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         if self.stream.skipped_corrupt:
             log.warning("skipped %d corrupt samples in the main process", self.stream.skipped_corrupt)
         return last
