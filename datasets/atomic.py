@@ -21,12 +21,32 @@ def is_local(url: str) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+class CommitOnExit:
+    """Context-manager protocol for writers that publish on ``close()`` and discard on ``abort()``:
+    a clean ``with`` block commits, an exception aborts."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def _tmp_name(path: str) -> str:
     d, b = posixpath.split(path)
     return posixpath.join(d, f".{b}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-class AtomicWriter:
+class AtomicWriter(CommitOnExit):
     """File-like writer that publishes ``url`` only on a clean ``close()``.
 
     Local: writes ``.{name}.tmp-XXXX`` then ``os.replace``. Remote: fsspec's buffered upload, which an
@@ -87,15 +107,6 @@ class AtomicWriter:
                 discard()
             else:  # pragma: no cover - filesystems without discard
                 self._fh.close()
-
-    def __enter__(self) -> "AtomicWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from polymae.datasets.atomic import CommitOnExit
+
 SCHEMA_VERSION = 1
 DEFAULT_SAMPLES_PER_SHARD = 2000
 RGB = "rgb.jpg"
@@ -321,7 +323,7 @@ class _HashingStream:
         pass
 
 
-class ShardTarWriter:
+class ShardTarWriter(CommitOnExit):
     """Writes one shard tar atomically (``datasets.atomic.AtomicWriter``) through ``webdataset.TarWriter``.
 
     Members get a fixed mtime so identical inputs give byte-identical tars. ``close()`` publishes the
@@ -363,15 +365,6 @@ class ShardTarWriter:
         except Exception:
             pass
         self._sink.abort()
-
-    def __enter__(self) -> "ShardTarWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_json_atomic(url: str, obj: Any) -> None:

@@ -91,3 +91,15 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op torch thread for the test: tiny tensors gain nothing from threads, and OpenMP
+    oversubscription on shared 2-core runners made tiny training tests 50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

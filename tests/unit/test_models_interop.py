@@ -13,16 +13,8 @@ from polymae.models.interop import (encoder_to_timm, export_mae_checkpoint, expo
 from polymae.models.multimae import MAE, MultiMAE
 from polymae.models.pos_embed import build_2d_sincos_pos_embed
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core runners."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 SMALL = dict(patch_size=8, dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=2, decoder_heads=2)
 BLOCK_KEYS = [f"{n}.{p}" for n in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")

@@ -10,16 +10,8 @@ from polymae.models.losses import (masked_cross_entropy_loss, masked_l1_loss, ma
                                    standardize_depth, unpatchify)
 from polymae.models.multimae import MAE, MultiMAE
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core runners."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 P, IMG, K = 8, 32, 5          # patch, image side, semseg classes
 NH = NW = IMG // P            # 4 x 4 grid, 16 tokens per modality

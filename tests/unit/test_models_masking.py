@@ -6,16 +6,7 @@ import torch
 from polymae.models.masking import (allocate_visible_counts, check_masks, random_masking, sample_dirichlet_masks,
                                     visible_indices)
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core runners."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _visible(masks):

@@ -14,16 +14,8 @@ from polymae.models.multimae import (MAE, MultiMAE, build_from_init_kwargs, crea
 from polymae.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_tokens, resize_pos_embed
 from polymae.models.vit import VIT_PRESETS
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core runners."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = dict(patch_size=8, dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2,
             semseg_num_classes=5)
