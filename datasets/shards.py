@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -55,30 +54,37 @@ def shard_name(split: str, index: int) -> str:
 
 
 def stats_name(split: str, index: int) -> str:
+    """``train-000012.stats.json``: the done marker beside shard ``(split, index)``."""
     return f"{split}-{index:06d}.stats.json"
 
 
 def split_dir(root: str, split: str) -> str:
+    """``{root}/{split}``: the folder of one split."""
     return f"{root.rstrip('/')}/{split}"
 
 
 def shard_url(root: str, split: str, index: int) -> str:
+    """``{root}/{split}/{split}-{index:06d}.tar``."""
     return f"{split_dir(root, split)}/{shard_name(split, index)}"
 
 
 def stats_url(root: str, split: str, index: int) -> str:
+    """``{root}/{split}/{split}-{index:06d}.stats.json`` (the shard's done marker)."""
     return f"{split_dir(root, split)}/{stats_name(split, index)}"
 
 
 def manifest_url(root: str, split: str) -> str:
+    """``{root}/{split}/manifest.json``."""
     return f"{split_dir(root, split)}/manifest.json"
 
 
 def index_url(root: str, split: str) -> str:
+    """``{root}/{split}/index.parquet`` (one row per sample)."""
     return f"{split_dir(root, split)}/index.parquet"
 
 
 def parse_shard_name(name: str) -> tuple[str, int] | None:
+    """``(split, index)`` of a shard file name or URL, or None when it is not one."""
     m = _SHARD_RE.match(name.rsplit("/", 1)[-1])
     return (m["split"], int(m["index"])) if m else None
 
@@ -375,6 +381,7 @@ def write_json_atomic(url: str, obj: Any) -> None:
 
 
 def read_json(url: str) -> Any:
+    """Parsed JSON at ``url`` (any fsspec URL)."""
     import fsspec
 
     with fsspec.open(url, "r") as fh:
@@ -448,7 +455,3 @@ def iter_raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
                         workersplitter=_every_shard)
     yield from ds
-
-
-def now() -> float:
-    return time.time()

@@ -18,6 +18,7 @@ JOBS = {
 
 
 def usage() -> str:
+    """The top-level usage text listing every job."""
     lines = ["usage: polymae <job> [--config X.yaml] [key=value ...]", "", "jobs:"]
     lines += [f"  {name:<11} {doc}" for name, doc in JOBS.items()]
     lines += ["", "`polymae <job> --help` shows every config key of that job."]
@@ -25,6 +26,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``polymae <job> ...`` to ``polymae.jobs.<job>.main``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -30,6 +30,7 @@ def setup_logging(level: str | None = None) -> None:
 
 def build_parser(config_cls: type, prog: str, doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
                  ) -> argparse.ArgumentParser:
+    """An argparse parser: ``--config``, ``--log-level``, extra flags, ``key=value`` overrides; the epilog lists every config key."""
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, epilog=help_text(config_cls),
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,6 +13,7 @@ from polymae.pipeline.evaluate import EvaluateConfig, evaluate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``polymae evaluate``; returns the exit status (2 on a config error)."""
     return run_job(EvaluateConfig, evaluate, argv, prog="polymae evaluate", doc=__doc__)
 
 

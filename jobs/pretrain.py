@@ -16,10 +16,12 @@ DOC = __doc__
 
 
 def run(cfg: PretrainConfig) -> dict:
+    """Train with ``cfg`` on this rank; returns the last logged metrics."""
     return Trainer(cfg).train()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``polymae pretrain``; returns the exit status (2 on a config error)."""
     return run_job(PretrainConfig, run, argv, prog="polymae pretrain", doc=DOC,
                    flag_map={"resume": "resume"},
                    extra=lambda p: p.add_argument("--resume", action="store_true", default=None,

@@ -14,6 +14,7 @@ from polymae.pipeline.publish import PublishConfig, publish
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``polymae publish``; returns the exit status (2 on a config error)."""
     return run_job(PublishConfig, publish, argv, prog="polymae publish", doc=__doc__)
 
 

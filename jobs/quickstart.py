@@ -168,6 +168,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
 
 def print_summary(s: dict) -> None:
+    """Print the quickstart summary table (stage, result, output, seconds)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -200,6 +201,7 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``polymae quickstart``; returns the exit status (2 on a config error)."""
     return run_job(QuickstartConfig, run_quickstart, argv, prog="polymae quickstart", doc=__doc__,
                    flag_map={"images_flag": "images", "work_flag": "work"},
                    extra=lambda p: (p.add_argument("--images", dest="images_flag", default=None,

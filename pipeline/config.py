@@ -253,6 +253,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 
 
 def help_text(cls: type) -> str:
+    """The ``--help`` epilog: every dotted config key with its help and default."""
     rows = describe(cls)
     width = max(len(r[0]) for r in rows) + 2
     lines = []

@@ -12,6 +12,7 @@ import socket
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,6 +43,7 @@ def world_size() -> int:
 
 
 def use_cuda() -> bool:
+    """True when CUDA is usable and ``DS_ACCELERATOR`` does not force the CPU."""
     import torch
 
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"

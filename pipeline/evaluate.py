@@ -139,6 +139,7 @@ def _rows(results: dict) -> list[tuple[str, str]]:
 
 
 def results_markdown(results: dict) -> str:
+    """The results as a markdown table (``results.md``)."""
     lines = [f"# Evaluation of {results['model']} on {results['split']} ({results['samples']} samples)", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _rows(results)]
@@ -146,6 +147,7 @@ def results_markdown(results: dict) -> str:
 
 
 def print_results(results: dict) -> None:
+    """Print the results as a rich table on stdout."""
     from rich.console import Console
     from rich.table import Table
 

@@ -11,6 +11,11 @@ Flow of :func:`run_label`::
         ▼
     index.parquet (a row per sample) + manifest.json (teachers, label sets, counts, shards + sha256)
 
+Exactly once: every key is in exactly one shard of the plan; a shard is published by an atomic rename
+and then marked done by its stats file, so a run killed at any moment (driver or worker) leaves only
+finished shards and hidden ``.{name}.tmp-*`` files that readers ignore; a re-run (or the runner's retry
+of a shard whose worker died, ``shard_retries``) labels exactly the shards without a done marker.
+
 Modes: ``resume`` (default) labels only shards without a stats file; ``overwrite`` deletes the split's
 outputs and plans again; ``extend`` keeps every existing shard byte-identical and puts keys that are
 new in the source into new shards after the last one.
@@ -22,6 +27,7 @@ under ``ray job submit`` (``RAY_ADDRESS`` set) the job's cluster is joined.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
@@ -76,6 +82,8 @@ class LabelConfig:
     max_pixels: int = field_(40_000_000, help="images with more pixels are skipped (reason too_large)")
     seed: int = field_(0, help="seed of the plan's shuffle and of tiny random teachers")
     read_threads: int = field_(8, help="threads reading source bytes ahead of decoding, per actor")
+    shard_retries: int = field_(2, help="times a shard is labelled again after its worker died or it failed "
+                                        "(each retry is logged; a dead worker is replaced)")
     progress: bool = field_(True, help="show a progress bar (images/s) on stderr")
 
     def validate(self) -> None:
@@ -98,7 +106,8 @@ class LabelConfig:
             if getattr(self, key) is not None and teacher == "none":
                 raise ConfigError(key, "is set but its teacher is 'none'")
         for key, low in (("samples_per_shard", 1), ("teacher_short_side", 32), ("batch_size", 1), ("num_workers", 0),
-                         ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1)):
+                         ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1),
+                         ("shard_retries", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
 
@@ -221,7 +230,8 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         teachers: ``{"depth": DepthTeacher, "semseg": SemsegTeacher}`` (either may be absent).
     Returns:
         the stats dict written to ``job.stats_url``: ``samples_in``, ``written``, ``skipped`` (by reason),
-        ``seconds``, ``busy_seconds`` per stage (read, decode, depth, semseg, encode, write), ``teachers``,
+        ``seconds``, ``started``/``finished`` (unix seconds), ``busy_seconds`` per stage (read, decode,
+        depth, semseg, encode, write; seconds of this worker), ``teachers``,
         ``size``/``sha256`` of the tar, and ``samples`` (a row per entry: key, cls, width, height, skipped,
         detail).
     Raises:
@@ -315,6 +325,7 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         "name": S.shard_name(job.split, job.index), "url": job.url,
         "samples_in": n, "written": writer.count, "skipped": dict(sorted(skipped.items())),
         "seconds": round(time.time() - t_start, 4),
+        "started": round(t_start, 6), "finished": round(time.time(), 6),
         "busy_seconds": {k: round(v, 4) for k, v in sorted(busy.items())},
         "teachers": {task: {k: v for k, v in m.items() if k != "class_names"} for task, m in metas.items()},
         "size": writer.bytes_written, "sha256": writer.sha256,
@@ -464,6 +475,55 @@ def _write_outputs(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teacher
     return index_url, manifest_url
 
 
+STAGES = ("read", "decode", "depth", "semseg", "encode", "write")
+
+
+def stage_totals(stats: Iterable[dict]) -> dict[str, dict[str, float]]:
+    """Per-stage work of shards from their stats files.
+
+    Returns:
+        ``{stage: {"busy_seconds": s, "images_per_s": r}}`` for the stages in :data:`STAGES` that ran:
+        ``busy_seconds`` summed over shards and workers (seconds a worker spent in the stage),
+        ``images_per_s`` = images in / ``busy_seconds`` (what one worker would sustain if it did only
+        that stage; 0 when no time was spent).
+    """
+    busy: collections.Counter = collections.Counter()
+    n = 0
+    for s in stats:
+        n += s["samples_in"]
+        busy.update(s.get("busy_seconds", {}))
+    return {k: {"busy_seconds": round(busy[k], 3), "images_per_s": round(n / busy[k], 2) if busy[k] > 0 else 0.0}
+            for k in (*STAGES, *sorted(set(busy) - set(STAGES))) if k in busy}
+
+
+_TEMP_RE = r"^\.{split}-\d{{6}}\.(tar|stats\.json)\.tmp-[0-9a-f]+$"
+
+
+def _remove_stale_temporaries(split_url: str, split: str) -> list[str]:
+    """Delete hidden ``.{split}-NNNNNN.tar.tmp-*`` / ``.stats.json.tmp-*`` files that a killed run left
+    behind (local outputs; object stores never show an unfinished upload). Readers ignore them anyway;
+    this only frees the space. Call it only when no other run writes to the split.
+
+    Returns:
+        the removed paths.
+    """
+    from polymae.datasets.atomic import is_local
+
+    if not is_local(split_url) or not storage.exists(split_url):
+        return []
+    fs, path = storage.get_fs(split_url)
+    pat = re.compile(_TEMP_RE.format(split=re.escape(split)))
+    removed = []
+    for p in fs.ls(path, detail=False):
+        if pat.match(p.rsplit("/", 1)[-1]):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(p)
+                removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run (e.g. %s)", len(removed), removed[0])
+    return removed
+
+
 def _totals(stats: Iterable[dict]) -> dict:
     skipped: collections.Counter = collections.Counter()
     n_in = n_out = 0
@@ -493,8 +553,15 @@ def _print_summary(summary: dict) -> None:
     t.add_row("shards", f"{summary['shards_labelled']} labelled", f"{summary['shards_done']}/{summary['shards_planned']}")
     if summary["shards_failed"]:
         t.add_row("failed shards", str(len(summary["shards_failed"])), "")
+    if summary.get("retries"):
+        t.add_row("retried shards", f"{len(summary['shards_retried'])} ({summary['retries']} retries, "
+                  f"{summary['workers_replaced']} workers replaced)", "")
     t.add_row("seconds (labelling)", f"{summary['seconds']:.1f} ({summary['label_seconds']:.1f})", "")
-    t.add_row("images/s (labelling)", f"{summary['images_per_s']:.2f}", "")
+    t.add_row("seconds: Ray start, teacher load", f"{summary.get('ray_start_seconds', 0):.1f}, "
+              f"{summary.get('teacher_load_seconds', 0):.1f}", "")
+    t.add_row(f"images/s (labelling, {summary['workers']} workers)", f"{summary['images_per_s']:.2f}", "")
+    for stage, v in summary.get("stages", {}).items():
+        t.add_row(f"stage {stage}: busy s, images/s", f"{v['busy_seconds']:.1f}, {v['images_per_s']:.1f}", "")
     Console().print(t)
 
 
@@ -506,9 +573,12 @@ def run_label(cfg: LabelConfig) -> dict:
         over all finished shards ``samples_in``, ``written``, ``skipped`` (int), ``skipped_by_reason``,
         ``shards``; ``shards_planned``, ``shards_done``, ``shards_labelled`` (this run), ``shards_reused``,
         ``shards_failed`` (indices), ``run`` and ``total`` counts (``samples_in``, ``written``, ``skipped``
-        by reason), ``seconds`` (wall time of the call), ``label_seconds`` (from the first worker being
-        ready to the last shard), ``images_per_s`` (images in this run / ``label_seconds``), ``workers``,
-        ``teachers`` (``{task: {name, revision, random_init, kind | label_set}}``).
+        by reason), ``seconds`` (wall time of the call), ``ray_start_seconds`` (connecting to/starting
+        Ray), ``teacher_load_seconds`` (until every worker has its teachers), ``label_seconds`` (from then
+        to the last shard), ``images_per_s`` (images in this run / ``label_seconds``), ``stages``
+        (:func:`stage_totals` of this run's shards), ``workers``, ``retries``, ``shards_retried``
+        (``{index: attempts}``), ``workers_replaced``, ``teachers`` (``{task: {name, revision,
+        random_init, kind | label_set}}``).
     Raises:
         SourceError: the input cannot be listed. FileNotFoundError: teacher weights missing.
         ValueError: the output was planned from another input, or its shards were labelled by other
@@ -574,11 +644,11 @@ def run_label(cfg: LabelConfig) -> dict:
              len(by_shard), len(pending), len(done_before))
 
     failed: dict[int, str] = {}
-    teachers_meta: dict[str, dict] = {}
-    n_workers = 0
-    run_seconds = 0.0
+    run = PendingRun(teachers={}, retried={})
     if pending:
-        teachers_meta, n_workers, run_seconds = _label_pending(cfg, plan, by_shard, pending, stats, failed)
+        _remove_stale_temporaries(split_url, cfg.split)
+        run = _label_pending(cfg, plan, by_shard, pending, stats, failed)
+    teachers_meta = run.teachers
     if not teachers_meta:  # nothing labelled now: describe the teachers from the shards' stats
         for s in stats.values():
             teachers_meta = s.get("teachers", {})
@@ -588,6 +658,7 @@ def run_label(cfg: LabelConfig) -> dict:
     run_stats = [stats[i] for i in pending if i in stats]
     run_totals = _totals(run_stats)
     totals = _totals(stats.values())
+    label_s = run.label_seconds
     summary = {
         "output": split_url, "split": cfg.split, "mode": cfg.mode,
         "plan": plan_url, "manifest": manifest_url, "index": index_url,
@@ -596,9 +667,13 @@ def run_label(cfg: LabelConfig) -> dict:
         "shards_planned": len(by_shard), "shards_done": len(stats), "shards_labelled": len(run_stats),
         "shards_reused": len(done_before), "shards_failed": sorted(failed),
         "run": run_totals, "total": totals,
-        "seconds": round(time.time() - t_start, 3), "label_seconds": round(run_seconds, 3),
-        "images_per_s": round(run_totals["samples_in"] / run_seconds, 3) if run_stats and run_seconds > 0 else 0.0,
-        "workers": n_workers,
+        "seconds": round(time.time() - t_start, 3), "label_seconds": round(label_s, 3),
+        "ray_start_seconds": round(run.ray_start_seconds, 3),
+        "teacher_load_seconds": round(run.teacher_load_seconds, 3),
+        "images_per_s": round(run_totals["samples_in"] / label_s, 3) if run_stats and label_s > 0 else 0.0,
+        "stages": stage_totals(run_stats),
+        "workers": run.workers, "retries": run.retries, "shards_retried": run.retried or {},
+        "workers_replaced": run.workers_replaced,
         "teachers": {t: _teacher_brief(m) for t, m in teachers_meta.items()},
     }
     _print_summary(summary)
@@ -625,19 +700,52 @@ def _keep_class_indices(plan: Plan, source_classes: list[str] | None, new: list[
     return [e._replace(cls=index[source_classes[e.cls]]) if e.cls is not None else e for e in new]
 
 
-def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[SourceEntry]], pending: list[int],
-                   stats: dict[int, dict], failed: dict[int, str]) -> tuple[dict, int, float]:
-    """Label ``pending`` shards on Ray actors; fills ``stats``/``failed``.
+@dataclass
+class PendingRun:
+    """What :func:`_label_pending` reports about one labelling run.
 
-    Returns:
-        ``(teacher metadata, number of workers, seconds from the first worker being ready to the last shard)``.
+    ``teachers``: ``{task: metadata}``; ``workers``: actors used; ``ray_start_seconds``: connecting to
+    (or starting) Ray; ``teacher_load_seconds``: from creating the actors until every one has loaded
+    its teachers; ``label_seconds``: from then until the last shard is back; ``retries``: shard
+    re-submissions; ``retried``: ``{shard index: attempts}`` of the shards labelled more than once;
+    ``workers_replaced``: actors that died and were replaced.
+    """
+
+    teachers: dict
+    workers: int = 0
+    ray_start_seconds: float = 0.0
+    teacher_load_seconds: float = 0.0
+    label_seconds: float = 0.0
+    retries: int = 0
+    retried: dict | None = None
+    workers_replaced: int = 0
+
+
+TASKS_IN_FLIGHT_PER_WORKER = 2  # the next shard waits in the actor's queue, so it never idles on the driver
+
+
+def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[SourceEntry]], pending: list[int],
+                   stats: dict[int, dict], failed: dict[int, str]) -> PendingRun:
+    """Label ``pending`` shards on Ray actors; fills ``stats`` (index → stats) and ``failed`` (index → error).
+
+    Scheduling: every actor has up to :data:`TASKS_IN_FLIGHT_PER_WORKER` shards queued. A shard whose
+    actor died (``RayActorError``: process killed, OOM, node lost) or that returned an error is
+    submitted again, at most ``cfg.shard_retries`` times, and each retry is logged; a dead actor is
+    replaced by a new one (at most ``shard_retries * workers`` replacements in a run). Re-labelling a
+    shard is safe: the tar is published by an atomic rename and its stats file (the done marker) is
+    written after it, so a half-written attempt leaves only a hidden temporary file.
+
+    Raises:
+        RuntimeError: ``device=cuda`` on a cluster without GPUs. ValueError: teachers differ from the
+        finished shards' (see :func:`_check_teachers`).
     """
     from tqdm import tqdm
 
+    t0 = time.time()
     started = _start_ray(cfg.ray_address)
     import ray
-    from ray.util import ActorPool
 
+    run = PendingRun(teachers={}, ray_start_seconds=time.time() - t0, retried={})
     try:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
@@ -647,46 +755,95 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
         auto = gpus if use_cuda else max(1, int(res.get("CPU", 1)) // cfg.cpus_per_worker)
         n_workers = max(1, min(cfg.num_workers or auto, len(pending)))
         specs = cfg.teacher_specs(device="cuda" if use_cuda else "cpu")
+        # Ray neither restarts actors nor retries tasks: the loop below does both, bounded and logged.
         actor_cls = ray.remote(LabelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_cuda else 0,
-                                                    max_restarts=1, max_task_retries=1)
-        actors = [actor_cls.remote(specs, cfg.cpus_per_worker) for _ in range(n_workers)]
-        teachers_meta = ray.get(actors[0].metadata.remote())
-        _check_teachers(teachers_meta, stats)
+                                                    max_restarts=0, max_task_retries=0)
+        t_load = time.time()
+        slots: list[Any] = [actor_cls.remote(specs, cfg.cpus_per_worker) for _ in range(n_workers)]
+        metas = ray.get([a.metadata.remote() for a in slots])  # every actor has loaded its teachers
+        run.teachers, run.workers = metas[0], n_workers
+        run.teacher_load_seconds = time.time() - t_load
+        _check_teachers(run.teachers, stats)
         classes = plan.meta.get("classes")
         jobs = [ShardJob(cfg.split, i, S.shard_url(cfg.output, cfg.split, i), S.stats_url(cfg.output, cfg.split, i),
                          by_shard[i], classes, cfg.max_pixels, cfg.batch_size, cfg.read_threads) for i in pending]
         t_ready = time.time()
-        pool = ActorPool(actors)
-        for job in jobs:
-            pool.submit(lambda a, j: a.label.remote(j), job)
+        queue = collections.deque(jobs)
+        attempts: collections.Counter = collections.Counter()
+        inflight: dict[Any, tuple[ShardJob, int, Any]] = {}  # ref -> (job, slot, actor)
+        max_replacements = cfg.shard_retries * n_workers
+
+        def fill() -> None:
+            for slot, actor in enumerate(slots):
+                if actor is None:
+                    continue
+                busy = sum(1 for _, s_, _ in inflight.values() if s_ == slot)
+                while busy < TASKS_IN_FLIGHT_PER_WORKER and queue:
+                    job = queue.popleft()
+                    attempts[job.index] += 1
+                    inflight[actor.label.remote(job)] = (job, slot, actor)
+                    busy += 1
+
+        def retry_or_fail(job: ShardJob, error: str) -> None:
+            if attempts[job.index] <= cfg.shard_retries:
+                log.warning("shard %d: attempt %d of %d failed (%s); labelling it again", job.index,
+                            attempts[job.index], cfg.shard_retries + 1, error.splitlines()[0][:500])
+                run.retries += 1
+                queue.appendleft(job)
+            else:
+                failed[job.index] = error
+                log.error("shard %d failed after %d attempts: %s", job.index, attempts[job.index], error)
+
         bar = tqdm(total=sum(len(j.entries) for j in jobs), unit="img", desc=f"label {cfg.split}",
                    disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
-        got: set[int] = set()
+        done: set[int] = set()
         try:
-            while pool.has_next():
+            fill()
+            while inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                job, slot, actor = inflight.pop(ready[0])
                 try:
-                    out = pool.get_next_unordered()
-                except Exception as e:  # noqa: BLE001 - an actor died twice; which shard is found below
-                    log.error("a shard task failed: %s", e)
-                    continue
-                got.add(out["index"])
-                if "error" in out:
-                    failed[out["index"]] = out["error"]
-                    log.error("shard %d failed: %s\n%s", out["index"], out["error"], out.get("traceback", ""))
-                    continue
-                stats[out["index"]] = out
-                bar.update(out["samples_in"])
-                skipped = sum(stats[i]["samples_in"] - stats[i]["written"] for i in got if i in stats)
-                bar.set_postfix(shards=f"{len(got)}/{len(jobs)}", skipped=skipped, refresh=False)
+                    out = ray.get(ready[0])
+                except ray.exceptions.RayActorError as e:
+                    if slots[slot] is actor:  # first news of this actor's death: replace it once
+                        with contextlib.suppress(Exception):
+                            ray.kill(actor, no_restart=True)
+                        if run.workers_replaced < max_replacements:
+                            log.warning("worker %d died (%s); starting a replacement", slot, type(e).__name__)
+                            slots[slot] = actor_cls.remote(specs, cfg.cpus_per_worker)
+                            run.workers_replaced += 1
+                        else:
+                            log.error("worker %d died and the replacement budget (%d) is spent", slot,
+                                      max_replacements)
+                            slots[slot] = None
+                    retry_or_fail(job, f"the worker died: {type(e).__name__}: {e}")
+                except ray.exceptions.RayError as e:  # e.g. the task's result was lost
+                    retry_or_fail(job, f"{type(e).__name__}: {e}")
+                else:
+                    if "error" in out:
+                        retry_or_fail(job, f"{out['error']}\n{out.get('traceback', '')}".rstrip())
+                    else:
+                        stats[job.index] = out
+                        done.add(job.index)
+                        bar.update(out["samples_in"])
+                        skipped = sum(stats[i]["samples_in"] - stats[i]["written"] for i in done)
+                        bar.set_postfix(shards=f"{len(done)}/{len(jobs)}", skipped=skipped, refresh=False)
+                if queue and not any(a is not None for a in slots):
+                    while queue:
+                        j = queue.popleft()
+                        failed[j.index] = "no live worker left (see the Ray logs)"
+                fill()
         finally:
             bar.close()
         for i in pending:
-            if i not in got:
-                failed[i] = "the worker died (see the Ray logs)"
-        seconds = time.time() - t_ready
-        for a in actors:
-            ray.kill(a)
-        return teachers_meta, n_workers, seconds
+            if i not in stats and i not in failed:
+                failed[i] = "the shard was never labelled (see the Ray logs)"
+        run.label_seconds = time.time() - t_ready
+        run.retried = {i: n for i, n in sorted(attempts.items()) if n > 1}
+        for a in slots:
+            if a is not None:
+                ray.kill(a)
+        return run
     finally:
         if started:
             ray.shutdown()

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
+    """Which shards to read and how to augment them (shared crop/flip, MultiMAE App. A.1)."""
+
     shards: str = field_("work/shards", help="root of labelled shards (the label job's output); any fsspec URL")
     split: str = field_("train", help="split folder under `shards`")
     img_size: int = field_(224, help="training resolution in pixels (multiple of 16)")
@@ -54,6 +56,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """MultiMAE/MAE architecture and masking: preset, modalities, visible tokens, decoders, losses."""
+
     arch: Literal["multimae", "mae"] = field_("multimae", help="multimae (RGB+depth+semseg) or mae (RGB only)")
     preset: Literal["tiny", "small", "base", "large", "huge", "huge14"] = field_("tiny", help="ViT size")
     modalities: list[str] = field_(["rgb", "depth", "semseg"], help="MultiMAE input = output modalities")
@@ -87,6 +91,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW + warm-up/cosine schedule (MAE/MultiMAE recipe); lr scales with global batch / 256."""
+
     base_lr: float = field_(1e-4, help="lr = base_lr * global_batch / 256")
     min_lr: float = field_(0.0, help="cosine floor")
     warmup_steps: int = field_(10, help="linear warm-up iterations")
@@ -106,6 +112,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Steps, batch sizes (global = micro-batch x ranks x accumulation), ZeRO stage, precision, checkpoints."""
+
     steps: int = field_(100, help="optimizer steps (iterations)")
     global_batch: int = field_(16, help="samples per step over all ranks = micro_batch * ranks * accumulation")
     micro_batch: int = field_(4, help="samples per rank per forward/backward")

@@ -36,17 +36,20 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(url: str) -> bool:
+    """True when ``url`` exists (file or folder)."""
     fs, path = url_to_fs(url)
     return fs.exists(path)
 
 
 def makedirs(url: str) -> None:
+    """Create a local folder and its parents (object stores need none)."""
     fs, path = url_to_fs(url)
     if is_local(url):
         fs.makedirs(path, exist_ok=True)
 
 
 def read_bytes(url: str) -> bytes:
+    """All bytes of the object at ``url``."""
     with fsspec.open(url, "rb") as fh:
         return fh.read()
 
@@ -95,6 +98,7 @@ def list_files(url: str, suffixes: tuple[str, ...] | None = None, recursive: boo
 
 
 def remove(url: str) -> None:
+    """Delete ``url`` (recursively for folders) if it exists."""
     fs, path = url_to_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)

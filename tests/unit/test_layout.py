@@ -47,3 +47,17 @@ def test_layering_arrows_point_down():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 bad += [f"{folder}/{name} imports {m}" for m in mods if m.startswith(banned)]
     assert bad == []
+
+
+def test_public_functions_and_classes_have_docstrings():
+    import ast
+
+    missing = []
+    for folder in ("models", "datasets", "pipeline", "jobs"):
+        for name in sorted(os.listdir(os.path.join(REPO, folder))):
+            if name.endswith(".py"):
+                tree = ast.parse(open(os.path.join(REPO, folder, name)).read())
+                missing += [f"{folder}/{name}:{n.lineno} {n.name}" for n in tree.body
+                            if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")
+                            and not ast.get_docstring(n)]
+    assert missing == []
