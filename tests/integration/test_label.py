@@ -248,42 +248,6 @@ def test_cli_flags_and_help(tmp_path, ray_local, photo_writer, capsys):
     assert all(S.SEMSEG not in r and S.DEPTH in r for r in raw)
 
 
-@pytest.fixture()
-def moto_s3(tmp_path, monkeypatch):
-    """A moto S3 server on 127.0.0.1 (own process, stopped by its PID) and the AWS_* environment for it."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    server = Path(sys.executable).parent / "moto_server"
-    if not server.exists():
-        pytest.skip("moto_server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "moto.log", "wb")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-
-
 def test_label_from_and_to_s3_with_the_cli(moto_s3, tmp_path, photo_writer):
     """`python -m polymae.jobs.label` in a fresh process (its own embedded Ray) reading and writing s3://."""
     import os
