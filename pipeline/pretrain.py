@@ -234,7 +234,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool) -> dict:
     """The DeepSpeed JSON config for this run (ZeRO stage, batch sizes, clipping, precision)."""
     ga = cfg.train.global_batch // (cfg.train.micro_batch * world)
     zero: dict = {"stage": cfg.train.zero_stage}
-    if cfg.train.zero_stage >= 2:
+    if cfg.train.zero_stage >= 1:  # DeepSpeed's default 5e8-element bucket is 1.9 GiB in fp32
         zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7), overlap_comm=False,
                     contiguous_gradients=True)
     if cfg.train.zero_stage == 3:

@@ -1,0 +1,364 @@
+"""Training throughput (images/s) of polymae's ``Trainer`` (DeepSpeed, world 1, fp32 on CPU) vs a plain PyTorch loop.
+
+Run ``python benchmarks/train_speed.py`` (defaults finish in about 1-2 minutes on 2 cores). Everything runs
+in one process, so the variants share the machine's conditions:
+
+* ``plain``: the model built as the Trainer builds it (same seed, ``create_model`` +
+  ``model_kwargs``), ``torch.optim.AdamW(param_groups(model, wd))``, and per step: set the lr from
+  ``lr_at``, forward, ``loss.backward(); opt.step(); opt.zero_grad()``, ``loss.item()``.
+* ``polymae ZeRO-2`` / ``polymae ZeRO-0``: ``polymae.pipeline.pretrain.Trainer.train()`` itself, with
+  its DeepSpeed engine, per-step loss all-reduce, metrics.jsonl and TensorBoard logging. Two
+  benchmark-only changes, made in a subclass: its loader is replaced by the same in-memory batches the
+  plain loop gets, and ``_save`` is a no-op (checkpoint I/O is not training speed). To run the steps in
+  windows, ``train()`` is called once per window: the first call builds everything (``Trainer._setup``),
+  later calls continue at the next step, and the window ends through the Trainer's own preemption
+  path (the in-memory loader raises the stop flag when it hands out the window's last batch).
+* ``polymae ZeRO-2 + ShardStream`` (``--loader``, on by default): as ZeRO-2 but fed by the Trainer's real
+  ``ShardStream`` loader over synthetic shards written to a temporary folder (JPEG/PNG decode + augment
+  in this process, ``data.num_workers=0``), i.e. including data loading. Its data differs, so its
+  losses are not compared.
+
+Same batches (pre-decoded once from the same synthetic shards through ``ShardStream``; step ``s`` uses
+batch ``s mod pool``), same masks (every variant draws them from ``Trainer._mask_generator(step, 0)``),
+same lr schedule (``lr_at`` with the same config), same initial weights. As a check, the per-step losses
+of the in-memory variants are compared (fp32 DeepSpeed at world 1 matches plain PyTorch to ~1e-6).
+
+Timing: each variant first runs ``--warmup`` untimed steps, then ``--repeats`` rounds; in every round each
+variant runs the same ``--steps`` steps, in an order rotated each round (A B C, B C A, ...), so slow
+periods caused by other load on the machine hit all variants alike. A window is timed from the request
+for its first batch until its last step has finished; for the Trainer that is until ``train()`` returns
+(per-step metrics/TensorBoard logging and the writer's close included; the writer's and progress bar's
+creation at the start of each ``train()`` call excluded). Reported: median over
+rounds of images/s (= steps x micro-batch / seconds), min-max, and the ratio of medians polymae / plain
+with the target >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+TARGET = 0.95
+NUM_CLASSES = 8
+
+
+# ------------------------------------------------------------------------------------------ data
+def write_shards(root: str, n: int, size: int, per_shard: int = 16, seed: int = 0) -> None:
+    """Write ``n`` synthetic labelled samples (``size`` px: smooth colour fields + noise as JPEG, a depth ramp,
+    an 8-class semseg from intensity bands) as polymae shards + stats + manifest under ``root/train``."""
+    from PIL import Image
+
+    from polymae.datasets import shards
+    from polymae.pipeline import storage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    storage.makedirs(shards.split_dir(root, "train"))
+    entries = []
+    for idx in range(math.ceil(n / per_shard)):
+        url = shards.shard_url(root, "train", idx)
+        count = min(per_shard, n - idx * per_shard)
+        with shards.ShardTarWriter(url) as w:
+            for j in range(count):
+                a, b, c = rng.uniform(0.5, 4.0, 3)
+                rgb = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
+                rgb = np.clip((rgb * 0.5 + 0.5) * 255 + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+                lum = rgb.mean(-1) / 255.0
+                w.write(shards.LabelledSample(
+                    key=f"s{idx:03d}x{j:03d}", rgb_jpeg=buf.getvalue(), depth=(1.0 + yy * 4.0 + 0.1 * lum),
+                    semseg=np.minimum(lum * NUM_CLASSES, NUM_CLASSES - 1).astype(np.int64),
+                    num_classes=NUM_CLASSES, meta={"source": "synthetic"}))
+        shards.write_json_atomic(shards.stats_url(root, "train", idx), {"samples_in": count, "written": count})
+        digest, nbytes = storage.sha256_of(url)
+        entries.append({"index": idx, "samples": count, "size": nbytes, "sha256": digest})
+    shards.write_json_atomic(shards.manifest_url(root, "train"), {
+        "schema_version": shards.SCHEMA_VERSION, "shards": entries,
+        "teachers": {"semseg": {"num_classes": NUM_CLASSES, "label_set": "synthetic-8"}}})
+
+
+def decode_pool(cfg, n_batches: int) -> list[dict]:
+    """``n_batches`` micro-batches decoded and augmented once through the Trainer's ``ShardStream``."""
+    from polymae.datasets import shards
+    from polymae.datasets.loader import ShardStream
+    from polymae.datasets.transforms import MultiModalAugment
+
+    aug = MultiModalAugment(img_size=cfg.data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip)
+    stream = ShardStream(shards.trusted_shard_urls(cfg.data.shards, cfg.data.split), cfg.train.micro_batch, aug,
+                         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_workers=0)
+    it = iter(stream)
+    return [next(it) for _ in range(n_batches)]
+
+
+# ------------------------------------------------------------------------------------------ variants
+class Variant:
+    """One way of training; ``run(first_step, n_steps)`` trains those steps and returns seconds."""
+
+    name = ""
+
+    def run(self, first_step: int, n_steps: int) -> float:
+        raise NotImplementedError
+
+    losses: dict[int, float]
+
+
+class PlainLoop(Variant):
+    """Plain PyTorch: the Trainer's model, param groups, lr schedule and masks, no DeepSpeed."""
+
+    def __init__(self, cfg, pool: list[dict]):
+        from polymae.models.multimae import create_model
+        from polymae.pipeline.pretrain import lr_at, model_kwargs, param_groups, shard_label_info
+
+        self.name = "plain PyTorch (AdamW)"
+        self.cfg, self.pool, self.lr_at = cfg, pool, lr_at
+        n_cls, ignore = shard_label_info(cfg.data.shards, cfg.data.split)
+        torch.manual_seed(cfg.train.seed)
+        self.model = create_model(f"{cfg.model.arch}_{cfg.model.preset}", **model_kwargs(cfg, n_cls, ignore))
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=lr_at(0, cfg),
+                                     betas=tuple(cfg.optim.betas))
+        self.mods = list(cfg.model.modalities)
+        self.losses = {}
+
+    def run(self, first_step: int, n_steps: int) -> float:
+        from polymae.pipeline.pretrain import Trainer
+
+        cfg, m = self.cfg, self.cfg.model
+        ident = SimpleNamespace(cfg=cfg, rank=0)
+        t0 = time.perf_counter()
+        for step in range(first_step, first_step + n_steps):
+            lr = self.lr_at(step, cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            batch = self.pool[step % len(self.pool)]
+            out = self.model({k: batch[k] for k in self.mods}, num_visible=m.num_visible, alphas=m.alpha,
+                             sample_tasks_uniform=m.sample_tasks_uniform,
+                             generator=Trainer._mask_generator(ident, step, 0))
+            out.loss.backward()
+            self.opt.step()
+            self.opt.zero_grad()
+            self.losses[step] = out.loss.item()
+        return time.perf_counter() - t0
+
+
+class _Window:
+    """A loader for one ``train()`` call: hands out the batches of steps ``[first, first + n)`` and raises the
+    Trainer's stop flag with the last one, so ``train()`` returns after that step (its preemption path).
+    Records when the first batch was requested (``t_start``)."""
+
+    def __init__(self, trainer, source, first: int, n: int):
+        self.trainer, self.source, self.first, self.n = trainer, source, first, n
+        self.t_start = None
+
+    def __iter__(self):
+        for i in range(self.n * self.trainer.ga):
+            if self.t_start is None:
+                self.t_start = time.perf_counter()
+            if i == self.n * self.trainer.ga - 1:
+                self.trainer._stop = True
+            yield self.source(self.first + i // self.trainer.ga)
+
+
+def _bench_trainer_class():
+    from polymae.pipeline.pretrain import Trainer
+
+    class BenchTrainer(Trainer):
+        """``Trainer`` with an injectable loader, resumable windows and no checkpoint writes."""
+
+        window: _Window | None = None
+        _built = False
+
+        def _setup(self) -> None:
+            if not self._built:
+                super()._setup()
+                self._built = True
+                self.real_loader = self.loader
+            self.start_step = self.window.first
+            self._stop = False
+            self.loader = self.window
+
+        def _save(self, step: int) -> None:  # checkpoint I/O excluded from training speed
+            pass
+
+    return BenchTrainer
+
+
+class PolymaeTrainer(Variant):
+    """``Trainer.train()`` over in-memory batches (``pool``) or over its own ShardStream (``pool=None``)."""
+
+    def __init__(self, cfg, pool: list[dict] | None, label: str):
+        self.name, self.cfg, self.pool = label, cfg, pool
+        self.trainer = _bench_trainer_class()(cfg)
+        self.losses = {}
+        self._stream_it = None
+
+    def _batch(self, step: int) -> dict:
+        if self.pool is not None:
+            return self.pool[step % len(self.pool)]
+        if self._stream_it is None:
+            self._stream_it = iter(self.trainer.real_loader)
+        return next(self._stream_it)
+
+    def run(self, first_step: int, n_steps: int) -> float:
+        from polymae.pipeline.pretrain import summary_from_metrics
+
+        tr = self.trainer
+        tr.window = _Window(tr, self._batch, first_step, n_steps)
+        with contextlib.redirect_stderr(io.StringIO()):  # the Trainer's tqdm bar
+            tr.train()
+        t1 = time.perf_counter()
+        for r in summary_from_metrics(self.cfg.output):
+            self.losses[r["step"] - 1] = r["loss"]
+        return t1 - tr.window.t_start
+
+
+class EngineLoop(Variant):
+    """The Trainer's DeepSpeed engine (built by ``Trainer._setup``) driven by a bare loop: lr, forward,
+    ``engine.backward``, ``engine.step``, ``loss.item()``; separates DeepSpeed's cost from the Trainer's."""
+
+    def __init__(self, cfg, pool: list[dict], label: str):
+        from polymae.pipeline.pretrain import lr_at
+
+        self.name, self.cfg, self.pool, self.lr_at = label, cfg, pool, lr_at
+        self.trainer = _bench_trainer_class()(cfg)
+        self.trainer.window = _Window(self.trainer, lambda step: pool[step % len(pool)], 0, 0)
+        self.trainer._setup()
+        self.losses = {}
+
+    def run(self, first_step: int, n_steps: int) -> float:
+        tr, ga = self.trainer, self.trainer.ga
+        t0 = time.perf_counter()
+        for step in range(first_step, first_step + n_steps):
+            lr = self.lr_at(step, self.cfg)
+            for g in tr.engine.optimizer.param_groups:
+                g["lr"] = lr
+            for micro in range(ga):
+                out = tr._forward(tr._inputs(self.pool[step % len(self.pool)]), tr._mask_generator(step, micro))
+                tr.engine.backward(out.loss)
+                tr.engine.step()
+                self.losses[step] = out.loss.item()
+        return time.perf_counter() - t0
+
+
+def make_config(args, root: str, out: str, stage: int, total_steps: int):
+    from polymae.pipeline.pretrain import PretrainConfig
+
+    cfg = PretrainConfig()
+    cfg.output = out
+    cfg.data.shards = root
+    cfg.data.img_size = args.img_size
+    cfg.data.num_workers = 0
+    cfg.data.shuffle_buffer = 16
+    cfg.model.preset = args.preset
+    tokens = (args.img_size // 16) ** 2 * len(cfg.model.modalities)
+    cfg.model.num_visible = args.num_visible or max(1, round(tokens * 98 / 588))  # MultiMAE's 1/6 at 224 px
+    cfg.train.micro_batch = cfg.train.global_batch = args.batch
+    cfg.train.zero_stage = stage
+    cfg.train.precision = "fp32"
+    cfg.train.steps = total_steps
+    cfg.train.save_interval = 10**9
+    cfg.validate()
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", help="ViT preset of multimae_<preset> (default tiny)")
+    ap.add_argument("--img-size", type=int, default=96, help="pixels, multiple of 16 (default 96)")
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch = global batch, world 1 (default 8)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant per round (default 10)")
+    ap.add_argument("--repeats", type=int, default=6, help="interleaved rounds (default 6)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
+    ap.add_argument("--num-visible", type=int, default=0, help="visible tokens (default: 1/6 of all, as MultiMAE)")
+    ap.add_argument("--pool", type=int, default=8, help="distinct in-memory batches (default 8)")
+    ap.add_argument("--no-loader", dest="loader", action="store_false", help="skip the ShardStream variant")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="add bare DeepSpeed-engine loops (ZeRO-2, ZeRO-0) without the Trainer around them")
+    ap.add_argument("--json", help="also write the raw timings here")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    from polymae.pipeline.distributed import init_deepspeed_distributed
+
+    init_deepspeed_distributed()
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    logging.getLogger("polymae").setLevel(logging.ERROR)
+
+    total = args.warmup + args.repeats * args.steps
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="polymae-speed-") as tmp:
+        root = os.path.join(tmp, "shards")
+        write_shards(root, n=max(4 * args.batch, args.pool * args.batch), size=args.img_size * 4 // 3)
+        cfgs = {k: make_config(args, root, os.path.join(tmp, k), stage, total)
+                for k, stage in (("plain", 2), ("z2", 2), ("z0", 0), ("z2_loader", 2), ("e2", 2), ("e0", 0))}
+        pool = decode_pool(cfgs["plain"], args.pool)
+        variants: list[Variant] = [PlainLoop(cfgs["plain"], pool),
+                                   PolymaeTrainer(cfgs["z2"], pool, "polymae Trainer ZeRO-2"),
+                                   PolymaeTrainer(cfgs["z0"], pool, "polymae Trainer ZeRO-0")]
+        if args.breakdown:
+            variants += [EngineLoop(cfgs["e2"], pool, "bare DeepSpeed engine ZeRO-2"),
+                         EngineLoop(cfgs["e0"], pool, "bare DeepSpeed engine ZeRO-0")]
+        in_memory = list(variants)
+        if args.loader:
+            variants.append(PolymaeTrainer(cfgs["z2_loader"], None, "polymae Trainer ZeRO-2 + ShardStream"))
+        for v in variants:
+            v.run(0, args.warmup)
+        times: dict[str, list[float]] = {v.name: [] for v in variants}
+        for r in range(args.repeats):
+            first = args.warmup + r * args.steps
+            for k in range(len(variants)):
+                v = variants[(r + k) % len(variants)]
+                times[v.name].append(v.run(first, args.steps))
+        loss_gap = max(abs(v.losses[s] - variants[0].losses[s]) for v in in_memory[1:] for s in range(total))
+        wall = time.perf_counter() - t_all
+
+    cfg = cfgs["plain"]
+    ips = {k: [args.steps * args.batch / t for t in ts] for k, ts in times.items()}
+    med = {k: statistics.median(v) for k, v in ips.items()}
+    plain = variants[0].name
+    n_params = sum(p.numel() for p in variants[0].model.parameters())
+    print(f"MultiMAE-{args.preset} ({n_params / 1e6:.2f} M params) at {args.img_size} px, {cfg.model.num_visible} of "
+          f"{(args.img_size // 16) ** 2 * 3} tokens visible, micro-batch {args.batch}, world 1, fp32, CPU, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{args.repeats} interleaved rounds (order rotated each round) x {args.steps} timed steps per variant, "
+          f"after {args.warmup} warm-up steps; images/s = steps x batch / window seconds")
+    print()
+    hdr = f"{'variant':<38} | {'median img/s':>12} | {'min - max img/s':>17} | {'vs plain':>8} | {'target':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for v in variants:
+        k = v.name
+        ratio = med[k] / med[plain]
+        verdict = "" if k == plain else ("ok" if ratio >= TARGET else "BELOW")
+        tgt = "" if k == plain else f">= {TARGET:.2f}"
+        print(f"{k:<38} | {med[k]:>12.2f} | {min(ips[k]):>7.2f} - {max(ips[k]):>7.2f} | {ratio:>8.3f} | "
+              f"{tgt:>8} {verdict}")
+    print()
+    print(f"losses (plain): step 0 {variants[0].losses[0]:.4f}, step {total - 1} {variants[0].losses[total - 1]:.4f}; "
+          f"max |difference| of the other in-memory variants vs plain over all {total} steps: {loss_gap:.2e}")
+    print(f"wall {wall:.0f} s; load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch {torch.__version__}, deepspeed {deepspeed.__version__}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "seconds": times, "images_per_s": ips}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
