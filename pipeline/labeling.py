@@ -5,8 +5,9 @@ Flow of :func:`run_label`::
 
     source (datasets/sources.py) ──list──▶ plan.parquet (key → shard, seeded shuffle, reused on re-runs)
         │
-        ▼  Ray: one LabelWorker actor per worker holds both teachers (loaded once), ActorPool hands
-           it one shard at a time: read bytes (threads) → load_rgb → teachers in batches → ShardTarWriter
+        ▼  Ray: one LabelWorker actor per worker holds both teachers (loaded once); the driver keeps two
+           shards queued per actor, retries a shard whose actor died on a replacement actor, and each
+           shard is: read bytes (threads) → load_rgb → teachers in batches → ShardTarWriter
            → {split}-{index:06d}.stats.json (the done marker)
         ▼
     index.parquet (a row per sample) + manifest.json (teachers, label sets, counts, shards + sha256)
@@ -82,6 +83,8 @@ class LabelConfig:
     max_pixels: int = field_(40_000_000, help="images with more pixels are skipped (reason too_large)")
     seed: int = field_(0, help="seed of the plan's shuffle and of tiny random teachers")
     read_threads: int = field_(8, help="threads reading source bytes ahead of decoding, per actor")
+    worker_nice: int | None = field_(0, help="niceness of the labelling workers (Ray starts workers at 15, so "
+                                             "any other process on the machine starves them); null keeps Ray's")
     shard_retries: int = field_(2, help="times a shard is labelled again after its worker died or it failed "
                                         "(each retry is logged; a dead worker is replaced)")
     progress: bool = field_(True, help="show a progress bar (images/s) on stderr")
@@ -102,6 +105,8 @@ class LabelConfig:
                 raise ConfigError(key, f"unknown {task} teacher {value!r}; choose from {names(task) + ['none']}")
         if self.depth_teacher == "none" and self.semseg_teacher == "none":
             raise ConfigError("depth_teacher", "both teachers are 'none': nothing to label")
+        if self.worker_nice is not None and not -20 <= self.worker_nice <= 19:
+            raise ConfigError("worker_nice", f"must be in [-20, 19] or null, got {self.worker_nice}")
         for key, teacher in (("depth_weights", self.depth_teacher), ("semseg_weights", self.semseg_teacher)):
             if getattr(self, key) is not None and teacher == "none":
                 raise ConfigError(key, "is set but its teacher is 'none'")
@@ -230,14 +235,16 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         teachers: ``{"depth": DepthTeacher, "semseg": SemsegTeacher}`` (either may be absent).
     Returns:
         the stats dict written to ``job.stats_url``: ``samples_in``, ``written``, ``skipped`` (by reason),
-        ``seconds``, ``started``/``finished`` (unix seconds), ``busy_seconds`` per stage (read, decode,
-        depth, semseg, encode, write; seconds of this worker), ``teachers``,
-        ``size``/``sha256`` of the tar, and ``samples`` (a row per entry: key, cls, width, height, skipped,
-        detail).
+        ``seconds``, ``started``/``finished`` (unix seconds), ``cpu_seconds`` (CPU time of the worker
+        process meanwhile; well below ``seconds`` means the worker did not get its CPU),
+        ``busy_seconds`` per stage (read, decode, depth, semseg, encode, write; seconds of this worker),
+        ``teachers``, ``size``/``sha256`` of the tar, ``host``/``pid``/``nice`` of the worker, and
+        ``samples`` (a row per entry: key, cls, width, height, skipped, detail).
     Raises:
         whatever the writer raises (the tar is then removed, no stats file is written).
     """
     t_start = time.time()
+    cpu_start = time.process_time()
     busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", *teachers, "encode", "write")}
     rows: dict[str, dict] = {}
     metas = {task: t.metadata() for task, t in teachers.items()}
@@ -326,11 +333,12 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         "samples_in": n, "written": writer.count, "skipped": dict(sorted(skipped.items())),
         "seconds": round(time.time() - t_start, 4),
         "started": round(t_start, 6), "finished": round(time.time(), 6),
+        "cpu_seconds": round(time.process_time() - cpu_start, 4),
         "busy_seconds": {k: round(v, 4) for k, v in sorted(busy.items())},
         "teachers": {task: {k: v for k, v in m.items() if k != "class_names"} for task, m in metas.items()},
         "size": writer.bytes_written, "sha256": writer.sha256,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": socket.gethostname(), "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "samples": samples,
     }
     S.write_json_atomic(job.stats_url, stats)
@@ -339,14 +347,22 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
 
 class LabelWorker:
     """Ray actor body: loads the teachers once (``teacher_specs``: ``{task: load_teacher kwargs}``) and
-    labels shards with :func:`label_shard`. ``threads``: torch intra-op threads."""
+    labels shards with :func:`label_shard`. ``threads``: torch intra-op threads. ``nice``: niceness to
+    run at (``None`` keeps the one Ray gave, 15 by default); lowering it may need privileges
+    (``CAP_SYS_NICE``), without which the worker keeps its niceness and logs a warning."""
 
-    def __init__(self, teacher_specs: dict[str, dict], threads: int = 1):
+    def __init__(self, teacher_specs: dict[str, dict], threads: int = 1, nice: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
 
         from polymae.pipeline.teachers import load_teacher
 
+        if nice is not None and os.getpriority(os.PRIO_PROCESS, 0) != nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            except OSError as e:
+                log.warning("label worker keeps niceness %d (could not set %d: %s)",
+                            os.getpriority(os.PRIO_PROCESS, 0), nice, e)
         torch.set_num_threads(max(1, int(threads)))
         self.teachers = {task: load_teacher(**spec) for task, spec in teacher_specs.items()}
 
@@ -363,8 +379,13 @@ class LabelWorker:
 
 
 # --------------------------------------------------------------------------------------- driver
-def _start_ray(address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started it (the caller then shuts it down)."""
+def _start_ray(address: str | None, worker_nice: int | None = None) -> bool:
+    """Connect to Ray; returns True when this call started it (the caller then shuts it down).
+
+    ``address``: a cluster to join; ``None`` joins ``RAY_ADDRESS`` (set under ``ray job submit``) or
+    starts an embedded local Ray whose workers get niceness ``worker_nice`` (when >= 0; Ray's own
+    default is 15, and an exported ``RAY_worker_niceness`` wins).
+    """
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -376,8 +397,17 @@ def _start_ray(address: str | None) -> bool:
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=EMBEDDED_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+        # The label workers are this job's compute: run them at the driver's priority rather than Ray's
+        # niceness 15, which lets any other process on the machine starve them.
+        set_nice = worker_nice is not None and worker_nice >= 0 and "RAY_worker_niceness" not in os.environ
+        if set_nice:
+            os.environ["RAY_worker_niceness"] = str(worker_nice)
+        try:
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                     object_store_memory=EMBEDDED_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+        finally:
+            if set_nice:
+                os.environ.pop("RAY_worker_niceness", None)
     return True
 
 
@@ -742,7 +772,7 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
     from tqdm import tqdm
 
     t0 = time.time()
-    started = _start_ray(cfg.ray_address)
+    started = _start_ray(cfg.ray_address, cfg.worker_nice)
     import ray
 
     run = PendingRun(teachers={}, ray_start_seconds=time.time() - t0, retried={})
@@ -759,7 +789,7 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
         actor_cls = ray.remote(LabelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_cuda else 0,
                                                     max_restarts=0, max_task_retries=0)
         t_load = time.time()
-        slots: list[Any] = [actor_cls.remote(specs, cfg.cpus_per_worker) for _ in range(n_workers)]
+        slots: list[Any] = [actor_cls.remote(specs, cfg.cpus_per_worker, cfg.worker_nice) for _ in range(n_workers)]
         metas = ray.get([a.metadata.remote() for a in slots])  # every actor has loaded its teachers
         run.teachers, run.workers = metas[0], n_workers
         run.teacher_load_seconds = time.time() - t_load
@@ -810,7 +840,7 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
                             ray.kill(actor, no_restart=True)
                         if run.workers_replaced < max_replacements:
                             log.warning("worker %d died (%s); starting a replacement", slot, type(e).__name__)
-                            slots[slot] = actor_cls.remote(specs, cfg.cpus_per_worker)
+                            slots[slot] = actor_cls.remote(specs, cfg.cpus_per_worker, cfg.worker_nice)
                             run.workers_replaced += 1
                         else:
                             log.error("worker %d died and the replacement budget (%d) is spent", slot,

@@ -83,6 +83,12 @@ def test_shards_and_keys(labelled):
     assert summary["total"]["samples_in"] == n and summary["total"]["written"] == len(good)
     assert summary["total"]["skipped"] == summary["skipped_by_reason"] == {"empty": 1, "undecodable": 2}
     assert (summary["written"], summary["skipped"], summary["shards"]) == (len(good), 3, n_shards)
+    assert summary["workers"] == 2 and summary["retries"] == 0 and summary["shards_retried"] == {}
+    assert summary["teacher_load_seconds"] > 0 and summary["label_seconds"] > 0
+    stages = summary["stages"]
+    assert list(stages) == ["read", "decode", "depth", "semseg", "encode", "write"]
+    assert stages["semseg"]["busy_seconds"] > 0 and stages["semseg"]["images_per_s"] == pytest.approx(
+        n / stages["semseg"]["busy_seconds"], rel=0.02)
     keys_in_tars = []
     for p in tars:
         with tarfile.open(p) as tf:  # plain tarfile reads every shard
@@ -114,7 +120,9 @@ def test_webdataset_decodes_every_sample(labelled, skimage_photo):
         assert m["teachers"]["depth"]["name"] == "dpt" and m["teachers"]["semseg"]["name"] == "segformer"
         assert m["teachers"]["depth"]["random_init"] is True
         assert m["label_set"] == "random-150" and m["semseg"]["ignore_index"] == 255
-        assert m["depth"]["kind"] == "relative_inverse" and m["depth"]["depth_range"] > 0
+        assert m["depth"]["kind"] == "relative_inverse"
+        assert 0.5 < m["depth"]["depth_range"] < 20  # calibrated tiny DPT: O(1) depths, not ~1e-7
+        assert d["depth"].std() > 1e-3 * m["depth"]["depth_range"]  # and image-dependent
         assert set(m["label_resolution"]) == {"depth", "semseg"}
         assert d["semseg"].max() < 150 and d["cls"] is None
         by_key[d["key"]] = (d, r)
@@ -144,6 +152,7 @@ def test_stats_and_manifest_checksums(labelled):
     assert manifest["schema_version"] == S.SCHEMA_VERSION and manifest["complete"] is True
     assert manifest["counts"]["samples_in"] == 16 and manifest["counts"]["shards"] == len(_tars(split))
     assert set(manifest["teachers"]) == {"depth", "semseg"}
+    assert manifest["teachers"]["depth"]["output_calibration"]["target_std"] == 0.25
     assert manifest["label_sets"]["random-150"]["num_classes"] == 150
     for entry in manifest["shards"]:
         p = split / entry["name"]
@@ -155,6 +164,8 @@ def test_stats_and_manifest_checksums(labelled):
         assert stats["written"] + sum(stats["skipped"].values()) == stats["samples_in"]
         assert {"read", "decode", "depth", "semseg", "encode", "write"} <= set(stats["busy_seconds"])
         assert stats["seconds"] > 0 and stats["teachers"]["semseg"]["label_set"] == "random-150"
+        assert stats["finished"] >= stats["started"] and 0 < stats["cpu_seconds"]
+        assert stats["teachers"]["depth"]["output_calibration"]["target_mean"] == 1.0
     # a shard that holds a broken input still holds its good images
     bad_shards = [json.loads(p.read_text()) for p in split.glob("*.stats.json")]
     assert any(s["skipped"] and s["written"] > 0 for s in bad_shards)
@@ -215,6 +226,7 @@ def test_config_errors_name_the_key():
     assert e.value.key == "input"
     for override, key in (("samples_per_shard=0", "samples_per_shard"), ("depth_teacher=midas", "depth_teacher"),
                           ("mode=sometimes", "mode"), ("split=a/b", "split"), ("batch_size=x", "batch_size"),
+                          ("worker_nice=40", "worker_nice"), ("shard_retries=-1", "shard_retries"),
                           ("bogus=1", "bogus")):
         with pytest.raises(ConfigError) as e:
             load_config(LabelConfig, None, ["input=x", override])

@@ -54,6 +54,9 @@ def test_upsample_argmax_matches_interpolate():
     assert torch.equal(T.upsample_argmax(scores, (301, 451)), full)
     chunked = T.upsample_argmax(scores, (301, 451), max_elements=7 * 451 * 10)
     assert (chunked == full).float().mean() > 0.999
+    # scores laid out HWC (as batched post-processing returns them) give the same ids
+    hwc = scores.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert hwc.stride()[0] == 1 and torch.equal(T.upsample_argmax(hwc, (301, 451)), full)
 
 
 @pytest.mark.parametrize("name", T.names())
