@@ -344,6 +344,9 @@ class Trainer:
         opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr_at(0, cfg),
                                 betas=tuple(cfg.optim.betas))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
+        if self.world == 1 and cfg.train.zero_stage == 0:
+            # nothing to average over one rank: skip DeepSpeed's flatten + all-reduce + unflatten of every grad
+            self.engine.enable_backward_allreduce = False
         self.ckpt_dir = f"{cfg.output.rstrip('/')}/checkpoints"
         self.start_step = 0
         if cfg.resume:
@@ -448,7 +451,8 @@ class Trainer:
             lr = lr_at(step, cfg)
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = lr
-            loss_sum = torch.zeros(1 + len(mods), dtype=torch.float64)
+            # one all-reduce per step carries the losses and the SIGTERM flag (last slot)
+            loss_sum = torch.zeros(2 + len(mods), dtype=torch.float64)
             for micro in range(self.ga):
                 tw = time.perf_counter()
                 batch = next(it)
@@ -470,7 +474,9 @@ class Trainer:
                         loss_sum[1 + i] += out.losses[m].detach().float().cpu().item()
                 if tokens_per_sample is None:
                     tokens_per_sample = int(sum((~mk).sum().item() for mk in out.masks.values()) / batch["rgb"].shape[0])
+            loss_sum[-1] = 1.0 if self._stop else 0.0
             dist.all_reduce(loss_sum)
+            stop = bool(loss_sum[-1] > 0)
             loss_sum /= self.ga * self.world
             step += 1
             dt = time.perf_counter() - t0
@@ -506,11 +512,9 @@ class Trainer:
                                   | {f"loss/{m}": v for m, v in last["losses"].items()}, step=step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             bar.update(1)
-            stop = torch.tensor([1 if self._stop else 0])
-            dist.all_reduce(stop)
-            if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stop.item():
+            if step % cfg.train.save_interval == 0 or step == cfg.train.steps or stop:
                 self._save(step)
-            if stop.item():
+            if stop:
                 log.warning("stopped at step %d after SIGTERM (checkpoint saved)", step)
                 break
         bar.close()
