@@ -176,7 +176,7 @@ def print_summary(s: dict) -> None:
     t = Table(title="polymae quickstart")
     t.add_column("stage")
     t.add_column("result")
-    t.add_column("output")
+    t.add_column("output", overflow="fold")
     t.add_column("seconds", justify="right")
     lab = s["label"]
     written = sum(v.get("written", 0) for v in lab.values())
@@ -198,6 +198,12 @@ def print_summary(s: dict) -> None:
               s["release"], f"{s['seconds']['publish']:.1f}")
     t.add_row("total", "", s["work"], f"{s['seconds']['total']:.1f}")
     con.print(t)
+    # full paths on their own lines, so a narrow terminal never truncates them
+    print("outputs:")
+    for what, path in (("images", os.path.join(s["work"], "images")), ("shards", s["shards"]), ("run", s["run"]),
+                       ("checkpoints", os.path.join(s["run"], "checkpoints")), ("tensorboard", os.path.join(s["run"], "tb")),
+                       ("evaluation", ev["output"]), ("release", s["release"])):
+        print(f"  {what:<12} {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
