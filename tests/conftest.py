@@ -133,8 +133,16 @@ def moto_s3(tmp_path, monkeypatch):
                "AWS_DEFAULT_REGION": "us-east-1"}
         for k, v in env.items():
             monkeypatch.setenv(k, v)
+        # fsspec caches S3FileSystem instances; one made for an earlier test's server (another port) would
+        # be reused, since the endpoint comes from the environment and is not part of the cache key
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
         yield env
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
