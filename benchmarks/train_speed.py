@@ -4,7 +4,7 @@ Run ``python benchmarks/train_speed.py`` (defaults finish in about 1-2 minutes o
 in one process, so the variants share the machine's conditions:
 
 * ``plain``: the model built as the Trainer builds it (same seed, ``create_model`` +
-  ``model_kwargs``), ``torch.optim.AdamW(param_groups(model, wd))``, and per step: set the lr from
+  ``model_kwargs``), ``make_optimizer(model, cfg)`` (fused AdamW on ``param_groups``), and per step: set the lr from
   ``lr_at``, forward, ``loss.backward(); opt.step(); opt.zero_grad()``, ``loss.item()``.
 * ``polymae ZeRO-2`` / ``polymae ZeRO-0``: ``polymae.pipeline.pretrain.Trainer.train()`` itself, with
   its DeepSpeed engine, per-step loss all-reduce, metrics.jsonl and TensorBoard logging. Two
@@ -121,15 +121,14 @@ class PlainLoop(Variant):
 
     def __init__(self, cfg, pool: list[dict]):
         from polymae.models.multimae import create_model
-        from polymae.pipeline.pretrain import lr_at, model_kwargs, param_groups, shard_label_info
+        from polymae.pipeline.pretrain import lr_at, make_optimizer, model_kwargs, shard_label_info
 
         self.name = "plain PyTorch (AdamW)"
         self.cfg, self.pool, self.lr_at = cfg, pool, lr_at
         n_cls, ignore = shard_label_info(cfg.data.shards, cfg.data.split)
         torch.manual_seed(cfg.train.seed)
         self.model = create_model(f"{cfg.model.arch}_{cfg.model.preset}", **model_kwargs(cfg, n_cls, ignore))
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=lr_at(0, cfg),
-                                     betas=tuple(cfg.optim.betas))
+        self.opt = make_optimizer(self.model, cfg)  # the same (fused) AdamW as the Trainer
         self.mods = list(cfg.model.modalities)
         self.losses = {}
 

@@ -5,9 +5,10 @@ Flow of :func:`run_label`::
 
     source (datasets/sources.py) ──list──▶ plan.parquet (key → shard, seeded shuffle, reused on re-runs)
         │
-        ▼  Ray: one LabelWorker actor per worker holds both teachers (loaded once); the driver keeps two
+        ▼  Ray: one LabelWorker actor per worker holds every teacher (loaded once); the driver keeps two
            shards queued per actor, retries a shard whose actor died on a replacement actor, and each
-           shard is: read bytes (threads) → load_rgb → teachers in batches → ShardTarWriter
+           shard is: read bytes (threads) → load_rgb + resize to the teachers' inputs (decode threads,
+           batches ahead) → teachers in batches → ShardTarWriter
            → {split}-{index:06d}.stats.json (the done marker)
         ▼
     index.parquet (a row per sample) + manifest.json (teachers, label sets, counts, shards + sha256)
@@ -68,10 +69,16 @@ class LabelConfig:
     input_kind: Literal["auto", "imagefolder", "folder", "list", "parquet", "tars"] = field_(
         "auto", help="how to read `input`; auto decides from the URL")
     samples_per_shard: int = field_(S.DEFAULT_SAMPLES_PER_SHARD, help="images per shard (kept from the plan on re-runs)")
-    depth_teacher: str = field_("dpt", help="depth teacher (dpt, depth_anything) or none")
-    semseg_teacher: str = field_("segformer", help="semseg teacher (segformer, mask2former, oneformer) or none")
-    depth_weights: str | None = field_(None, help="save_pretrained folder/URL of the depth teacher; null = tiny random")
-    semseg_weights: str | None = field_(None, help="save_pretrained folder/URL of the semseg teacher; null = tiny random")
+    depth_teacher: str = field_("dpt", help="depth teacher (dpt, depth_anything), a comma list of them (the first "
+                                            "writes depth.png, each further one depth.<name>.png) or none")
+    semseg_teacher: str = field_("segformer", help="semseg teacher (segformer, mask2former, oneformer), a comma "
+                                                   "list (first: semseg.png, further: semseg.<name>.png) or none")
+    depth_weights: str | None = field_(
+        None, help="save_pretrained folder/URL of the depth teacher, or a comma list matching depth_teacher "
+                   "(an entry 'null' = tiny random); null = all tiny random")
+    semseg_weights: str | None = field_(
+        None, help="save_pretrained folder/URL of the semseg teacher, or a comma list matching semseg_teacher "
+                   "(an entry 'null' = tiny random); null = all tiny random")
     teacher_short_side: int = field_(384, help="short side (pixels) of the teachers' input, rounded to the model's multiple")
     batch_size: int = field_(16, help="images per teacher forward pass")
     num_workers: int = field_(0, help="Ray actors, each holding both teachers; 0 = one per GPU, else per cpus_per_worker CPUs")
@@ -83,6 +90,9 @@ class LabelConfig:
     max_pixels: int = field_(40_000_000, help="images with more pixels are skipped (reason too_large)")
     seed: int = field_(0, help="seed of the plan's shuffle and of tiny random teachers")
     read_threads: int = field_(8, help="threads reading source bytes ahead of decoding, per actor")
+    decode_threads: int = field_(1, help="threads decoding images and resizing them to the teachers' input "
+                                         "ahead of the teacher stage (next batches overlap the current "
+                                         "forward), per actor")
     worker_nice: int | None = field_(0, help="niceness of the labelling workers (Ray starts workers at 15, so "
                                              "any other process on the machine starves them); null keeps Ray's")
     shard_retries: int = field_(2, help="times a shard is labelled again after its worker died or it failed "
@@ -100,31 +110,86 @@ class LabelConfig:
         if not _SPLIT_RE.match(self.split):
             raise ConfigError("split", f"must match [A-Za-z0-9_]+, got {self.split!r}")
         for key, task in (("depth_teacher", "depth"), ("semseg_teacher", "semseg")):
-            value = getattr(self, key)
-            if value != "none" and value not in names(task):
-                raise ConfigError(key, f"unknown {task} teacher {value!r}; choose from {names(task) + ['none']}")
-        if self.depth_teacher == "none" and self.semseg_teacher == "none":
+            items = [v.strip() for v in str(getattr(self, key)).split(",")]
+            if items == ["none"]:
+                continue
+            if "" in items:
+                raise ConfigError(key, f"has an empty name in {getattr(self, key)!r}")
+            if "none" in items:
+                raise ConfigError(key, "'none' cannot be combined with teacher names")
+            for value in items:
+                if value not in names(task):
+                    raise ConfigError(key, f"unknown {task} teacher {value!r}; choose from {names(task) + ['none']} "
+                                           "(or a comma list of them)")
+            dup = sorted({v for v in items if items.count(v) > 1})
+            if dup:
+                raise ConfigError(key, f"names {dup[0]!r} twice: each teacher of a modality runs once")
+        if not teacher_list(self.depth_teacher) and not teacher_list(self.semseg_teacher):
             raise ConfigError("depth_teacher", "both teachers are 'none': nothing to label")
         if self.worker_nice is not None and not -20 <= self.worker_nice <= 19:
             raise ConfigError("worker_nice", f"must be in [-20, 19] or null, got {self.worker_nice}")
         for key, teacher in (("depth_weights", self.depth_teacher), ("semseg_weights", self.semseg_teacher)):
-            if getattr(self, key) is not None and teacher == "none":
+            w = getattr(self, key)
+            if w is None:
+                continue
+            n = len(teacher_list(teacher))
+            if n == 0:
                 raise ConfigError(key, "is set but its teacher is 'none'")
+            got = len(str(w).split(","))
+            if got != n:
+                raise ConfigError(key, f"has {got} comma-separated entries for {n} teacher(s) {teacher!r}; give one "
+                                       "per teacher ('null' = tiny random) or null for all")
         for key, low in (("samples_per_shard", 1), ("teacher_short_side", 32), ("batch_size", 1), ("num_workers", 0),
-                         ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1),
+                         ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1), ("decode_threads", 1),
                          ("shard_retries", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
 
-    def teacher_specs(self, device: str = "cpu") -> dict[str, dict]:
-        """``{task: load_teacher kwargs}`` for the enabled teachers (``task``: ``depth``/``semseg``)."""
+    def teacher_weights(self) -> dict[str, list[tuple[str, str | None]]]:
+        """``{task: [(teacher name, weights URL or None = tiny random), ...]}``, the primary first; a task
+        whose teacher is ``none`` is absent. Call after :meth:`validate` (lengths are not checked here)."""
         out = {}
-        for task, name, weights in (("depth", self.depth_teacher, self.depth_weights),
-                                    ("semseg", self.semseg_teacher, self.semseg_weights)):
-            if name != "none":
-                out[task] = dict(name=name, weights=weights, seed=self.seed, short_side=self.teacher_short_side,
-                                 device=device, batch_size=self.batch_size)
+        for task, names_, weights in (("depth", self.depth_teacher, self.depth_weights),
+                                      ("semseg", self.semseg_teacher, self.semseg_weights)):
+            teachers = teacher_list(names_)
+            if not teachers:
+                continue
+            ws = [None] * len(teachers) if weights is None else [
+                None if w.strip().lower() in ("", "null", "none") else w.strip() for w in str(weights).split(",")]
+            out[task] = list(zip(teachers, ws))
         return out
+
+    def teacher_specs(self, device: str = "cpu") -> dict[str, dict]:
+        """``{slot: load_teacher kwargs}`` for the enabled teachers, depth first, each task's primary first.
+
+        ``slot`` is the task (``depth``/``semseg``) for the primary teacher, which writes ``depth.png`` /
+        ``semseg.png``, and ``{task}.{name}`` (the member name without ``.png``) for each further one.
+        """
+        out = {}
+        for task, pairs in self.teacher_weights().items():
+            for i, (name, weights) in enumerate(pairs):
+                out[teacher_slot(task, name, primary=i == 0)] = dict(
+                    name=name, weights=weights, seed=self.seed, short_side=self.teacher_short_side, device=device,
+                    batch_size=self.batch_size)
+        return out
+
+
+def teacher_list(value: str | None) -> list[str]:
+    """Teacher names of a ``depth_teacher``/``semseg_teacher`` value: ``"dpt, depth_anything"`` →
+    ``["dpt", "depth_anything"]``; ``"none"`` (or ``None``) → ``[]``."""
+    items = [v.strip() for v in str(value if value is not None else "none").split(",")]
+    return [] if items == ["none"] else items
+
+
+def teacher_slot(task: str, name: str, primary: bool) -> str:
+    """Key of a teacher in the job's teacher dicts, stats and manifest: ``task`` for the primary teacher,
+    ``{task}.{name}`` (its member name without ``.png``) for a further one."""
+    return task if primary else S.member(task, name)[: -len(".png")]
+
+
+def slot_task(slot: str) -> str:
+    """``depth``/``semseg`` of a teacher slot (see :func:`teacher_slot`)."""
+    return slot.split(".", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -200,56 +265,195 @@ class ShardJob:
     max_pixels: int = 40_000_000
     batch_size: int = 16
     read_threads: int = 8
+    decode_threads: int = 1
 
 
+PREFETCH_BATCHES = 2  # decoded batches waiting for the teacher stage (bounds the worker's memory)
 def _teacher_brief(meta: dict) -> dict:
     keep = ("name", "revision", "random_init", "kind", "label_set")
     return {k: meta[k] for k in keep if k in meta}
 
 
-def _predict_safely(teacher, images: list[np.ndarray]) -> list[np.ndarray | Exception]:
+def _predict_safely(teacher, images: list[np.ndarray], resized: list | None = None) -> list[np.ndarray | Exception]:
     """Predict a batch; if the batch fails, predict image by image so one bad image costs one sample."""
     try:
-        return teacher.predict(images)
+        return teacher.predict(images, resized=resized)
     except Exception:  # noqa: BLE001
         out: list[np.ndarray | Exception] = []
-        for img in images:
+        for i, img in enumerate(images):
             try:
-                out.append(teacher.predict([img])[0])
+                out.append(teacher.predict([img], resized=None if resized is None else [resized[i]])[0])
             except Exception as e:  # noqa: BLE001
                 out.append(e)
         return out
 
 
+@dataclass
+class _Decoded:
+    """One entry after the CPU stage: ``rgb``/``jpeg``/``data`` and ``resized`` (slot → teacher input,
+    see ``Teacher.resize_input``), or ``skip`` = ``(reason, detail)``; seconds spent decoding/resizing."""
+
+    entry: SourceEntry
+    rgb: np.ndarray | None = None
+    jpeg: bytes | None = None
+    data: bytes | None = None
+    resized: dict | None = None
+    skip: tuple[str, str] | None = None
+    decode_s: float = 0.0
+    resize_s: float = 0.0
+
+
+def _decode_entry(e: SourceEntry, data: bytes, max_pixels: int, teachers: dict[str, Any]) -> _Decoded:
+    """The CPU stage of one image (runs in a decode thread): ``load_rgb`` then one resize per distinct
+    teacher input size. A resize that fails is left to ``predict``, which reports it as a teacher error."""
+    t0 = time.perf_counter()
+    try:
+        rgb, jpeg = S.load_rgb(data, max_pixels=max_pixels)
+    except S.BadImage as bad:
+        return _Decoded(e, skip=(bad.reason, str(bad)), decode_s=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    by_size: dict[tuple[int, int], Any] = {}
+    resized: dict[str, Any] = {}
+    for slot, teacher in teachers.items():
+        try:
+            size = tuple(teacher.input_size(rgb.shape[0], rgb.shape[1]))
+            if size not in by_size:
+                by_size[size] = teacher.resize_input(rgb)
+            resized[slot] = by_size[size]
+        except Exception:  # noqa: BLE001 - predict resizes itself and reports the error per sample
+            resized[slot] = None
+    return _Decoded(e, rgb=rgb, jpeg=jpeg, data=data, resized=resized, decode_s=t1 - t0,
+                    resize_s=time.perf_counter() - t1)
+
+
+class _Prefetcher:
+    """The CPU stages of a shard, ahead of the teacher stage: a feeder thread reads each batch's bytes in
+    order (``iter_bytes``) and submits every image to a pool of ``decode_threads`` threads
+    (:func:`_decode_entry`); the batch (a list of futures, in entry order) goes into a queue of at most
+    :data:`PREFETCH_BATCHES`. :meth:`batches` yields the decoded batches in order and measures ``wait``,
+    the seconds the consumer (the teacher stage) spent waiting for them. Use as a context manager."""
+
+    _END = object()
+
+    def __init__(self, job: ShardJob, teachers: dict[str, Any]):
+        import queue
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.job, self.teachers = job, teachers
+        self.read_s = self.wait = 0.0
+        self._queue: Any = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self._full = queue.Full
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, job.decode_threads), thread_name_prefix="label-decode")
+        self._thread = threading.Thread(target=self._feed, name="label-feed", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except self._full:
+                continue
+        return False
+
+    def _feed(self) -> None:
+        from concurrent.futures import Future
+
+        job = self.job
+        reader = None
+        try:
+            reader = iter_bytes([e.uri for e in job.entries], threads=job.read_threads)
+            for b0 in range(0, len(job.entries), job.batch_size):
+                items = []
+                for e in job.entries[b0:b0 + job.batch_size]:
+                    t0 = time.perf_counter()
+                    _, data = next(reader)
+                    self.read_s += time.perf_counter() - t0
+                    if isinstance(data, BaseException):
+                        f: Future = Future()
+                        f.set_result(_Decoded(e, skip=("missing" if isinstance(data, FileNotFoundError)
+                                                       else "unreadable", f"{type(data).__name__}: {data}")))
+                        items.append(f)
+                    else:
+                        items.append(self._pool.submit(_decode_entry, e, data, job.max_pixels, self.teachers))
+                if not self._put(items):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self._put(exc)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def batches(self) -> Iterable[list[_Decoded]]:
+        """Decoded batches in entry order. Raises what the feeder or a decode thread raised."""
+        while True:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            if item is self._END:
+                self.wait += time.perf_counter() - t0
+                return
+            if isinstance(item, BaseException):
+                raise item
+            decoded = [f.result() for f in item]
+            self.wait += time.perf_counter() - t0
+            yield decoded
+
+    def __enter__(self) -> "_Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
     """Label one shard and write ``{split}-{index:06d}.tar`` then its stats file (the done marker).
 
-    Each entry's bytes are read (``read_threads`` ahead), decoded by ``load_rgb`` (EXIF rotation, CMYK,
-    16-bit, palette and alpha handled), labelled by every teacher in batches of ``batch_size`` and
-    written with :class:`~polymae.datasets.shards.ShardTarWriter`. An input that cannot be read or
-    decoded is a *skip* with a reason (``missing``, ``unreadable``, ``empty``, ``undecodable``,
-    ``too_large``, ``teacher_error``); the shard goes on.
+    Stages: each entry's bytes are read (``read_threads`` ahead), decoded by ``load_rgb`` (EXIF rotation,
+    CMYK, 16-bit, palette and alpha handled) and resized to every teacher's input size in
+    ``decode_threads`` threads, up to :data:`PREFETCH_BATCHES` batches ahead of the teacher stage (so the
+    teachers, e.g. on a GPU, do not wait on JPEG decoding); then every teacher labels the batch
+    (``batch_size`` images) and the samples are written in entry order with
+    :class:`~polymae.datasets.shards.ShardTarWriter`. The tar is the same for any ``decode_threads``.
+    An input that cannot be read or decoded is a *skip* with a reason (``missing``, ``unreadable``,
+    ``empty``, ``undecodable``, ``too_large``, ``teacher_error``); the shard goes on.
+
+    The primary teacher of a task writes ``depth.png``/``semseg.png`` and its metadata in the sample
+    ``json`` as with one teacher; a further teacher (slot ``{task}.{name}``) writes
+    ``depth.<name>.png``/``semseg.<name>.png`` and ``json["extra_teachers"][member]`` = its name,
+    revision, random_init, ``label_resolution`` and ``kind`` + ``depth_range`` (depth) or ``label_set``
+    + ``num_classes`` + ``ignore_index`` (semseg).
 
     Args:
         job: the shard.
-        teachers: ``{"depth": DepthTeacher, "semseg": SemsegTeacher}`` (either may be absent).
+        teachers: ``{slot: Teacher}`` (see :func:`teacher_slot`): ``depth``/``semseg`` for the primary
+            teachers (either may be absent), ``depth.<name>``/``semseg.<name>`` for further ones.
     Returns:
         the stats dict written to ``job.stats_url``: ``samples_in``, ``written``, ``skipped`` (by reason),
         ``seconds``, ``started``/``finished`` (unix seconds), ``cpu_seconds`` (CPU time of the worker
         process meanwhile; well below ``seconds`` means the worker did not get its CPU),
-        ``busy_seconds`` per stage (read, decode, depth, semseg, encode, write; seconds of this worker),
-        ``teachers``, ``size``/``sha256`` of the tar, ``host``/``pid``/``nice`` of the worker, and
-        ``samples`` (a row per entry: key, cls, width, height, skipped, detail).
+        ``busy_seconds`` per stage (read, decode, resize, one per teacher slot, encode, write; seconds of
+        this worker; read/decode/resize are measured in their own threads and overlap the others),
+        ``teacher_wait_seconds`` (seconds the teacher stage waited for a decoded batch; near 0 when the
+        CPU stages keep up), ``teachers``, ``size``/``sha256`` of the tar, ``host``/``pid``/``nice`` of
+        the worker, and ``samples`` (a row per entry: key, cls, width, height, skipped, detail).
     Raises:
-        whatever the writer raises (the tar is then removed, no stats file is written).
+        whatever the writer, the reader or ``load_rgb`` raises other than a per-image skip (the tar is
+        then removed, no stats file is written).
     """
     t_start = time.time()
     cpu_start = time.process_time()
-    busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", *teachers, "encode", "write")}
+    busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", "resize", *teachers, "encode", "write")}
     rows: dict[str, dict] = {}
-    metas = {task: t.metadata() for task, t in teachers.items()}
-    briefs = {task: _teacher_brief(m) for task, m in metas.items()}
+    metas = {slot: t.metadata() for slot, t in teachers.items()}
+    briefs = {slot: _teacher_brief(m) for slot, m in metas.items()}
+    primary_briefs = {slot: b for slot, b in briefs.items() if slot == slot_task(slot)}
     n = len(job.entries)
+    wait = 0.0
 
     def skip(e: SourceEntry, reason: str, detail: str, size: tuple[int, int] | None = None) -> None:
         rows[e.key] = {"key": e.key, "cls": e.cls, "width": size[1] if size else None,
@@ -257,68 +461,30 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
 
     writer = S.ShardTarWriter(job.url)
     try:
-        reader = iter_bytes([e.uri for e in job.entries], threads=job.read_threads)
-        for b0 in range(0, n, job.batch_size):
-            batch = job.entries[b0:b0 + job.batch_size]
-            good: list[tuple[SourceEntry, np.ndarray, bytes, bytes]] = []
-            for e in batch:
-                t0 = time.perf_counter()
-                _, data = next(reader)
-                busy["read"] += time.perf_counter() - t0
-                if isinstance(data, BaseException):
-                    skip(e, "missing" if isinstance(data, FileNotFoundError) else "unreadable",
-                         f"{type(data).__name__}: {data}")
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    rgb, jpeg = S.load_rgb(data, max_pixels=job.max_pixels)
-                except S.BadImage as bad:
-                    skip(e, bad.reason, str(bad))
-                    continue
-                finally:
-                    busy["decode"] += time.perf_counter() - t0
-                good.append((e, rgb, jpeg, data))
-            if not good:
-                continue
-            images = [g[1] for g in good]
-            preds: dict[str, list] = {}
-            for task, teacher in teachers.items():
-                t0 = time.perf_counter()
-                preds[task] = _predict_safely(teacher, images)
-                busy[task] += time.perf_counter() - t0
-            for j, (e, rgb, jpeg, data) in enumerate(good):
-                h, w = rgb.shape[:2]
-                errors = [f"{task}: {type(p[j]).__name__}: {p[j]}" for task, p in preds.items()
-                          if isinstance(p[j], Exception)]
-                if errors:
-                    skip(e, "teacher_error", "; ".join(errors), (h, w))
-                    continue
-                t0 = time.perf_counter()
-                meta: dict[str, Any] = {
-                    "schema_version": S.SCHEMA_VERSION, "key": e.key,
-                    "source": {"uri": e.uri, "bytes": len(data), "reencoded": jpeg is not data},
-                    "width": w, "height": h, "teachers": briefs,
-                    "label_resolution": {task: list(t.input_size(h, w)) for task, t in teachers.items()},
-                }
-                sample = S.LabelledSample(key=e.key, rgb_jpeg=jpeg, meta=meta, cls=e.cls)
-                if "depth" in teachers:
-                    sample.depth = preds["depth"][j]
-                    meta["depth"] = {"kind": metas["depth"]["kind"], "teacher": metas["depth"]["name"]}
-                if "semseg" in teachers:
-                    sample.semseg = preds["semseg"][j]
-                    sample.num_classes = metas["semseg"]["num_classes"]
-                    meta["label_set"] = metas["semseg"]["label_set"]
-                    meta["semseg"] = {"label_set": metas["semseg"]["label_set"], "teacher": metas["semseg"]["name"]}
-                if e.cls is not None:
-                    meta["cls"] = int(e.cls)
-                    if job.classes is not None and 0 <= e.cls < len(job.classes):
-                        meta["class_name"] = job.classes[e.cls]
-                encoded = sample.encode()
-                busy["encode"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                writer.write(encoded)
-                busy["write"] += time.perf_counter() - t0
-                rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
+        with _Prefetcher(job, teachers) as prefetch:
+            if True:  # the teacher stage
+                for decoded in prefetch.batches():
+                    good: list[_Decoded] = []
+                    for d in decoded:
+                        busy["decode"] += d.decode_s
+                        busy["resize"] += d.resize_s
+                        if d.skip is not None:
+                            skip(d.entry, *d.skip)
+                        else:
+                            good.append(d)
+                    if not good:
+                        continue
+                    images = [g.rgb for g in good]
+                    preds: dict[str, list] = {}
+                    for slot, teacher in teachers.items():
+                        t0 = time.perf_counter()
+                        preds[slot] = _predict_safely(teacher, images, [g.resized.get(slot) for g in good])
+                        busy[slot] += time.perf_counter() - t0
+                    for j, g in enumerate(good):
+                        _write_sample(job, g, j, teachers, metas, briefs, primary_briefs, preds, writer, busy,
+                                      rows, skip)
+        busy["read"] = prefetch.read_s  # the feeder has stopped
+        wait = prefetch.wait
         t0 = time.perf_counter()
         writer.close()
         busy["write"] += time.perf_counter() - t0
@@ -335,7 +501,8 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         "started": round(t_start, 6), "finished": round(time.time(), 6),
         "cpu_seconds": round(time.process_time() - cpu_start, 4),
         "busy_seconds": {k: round(v, 4) for k, v in sorted(busy.items())},
-        "teachers": {task: {k: v for k, v in m.items() if k != "class_names"} for task, m in metas.items()},
+        "teacher_wait_seconds": round(wait, 4), "decode_threads": job.decode_threads,
+        "teachers": {slot: {k: v for k, v in m.items() if k != "class_names"} for slot, m in metas.items()},
         "size": writer.bytes_written, "sha256": writer.sha256,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": socket.gethostname(), "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
@@ -343,6 +510,61 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
     }
     S.write_json_atomic(job.stats_url, stats)
     return stats
+
+
+def _write_sample(job: ShardJob, g: _Decoded, j: int, teachers: dict[str, Any], metas: dict, briefs: dict,
+                  primary_briefs: dict, preds: dict[str, list], writer: Any, busy: dict, rows: dict, skip) -> None:
+    """Encode and write the ``j``-th good sample of a batch (or skip it when a teacher failed on it)."""
+    e, rgb, jpeg, data = g.entry, g.rgb, g.jpeg, g.data
+    h, w = rgb.shape[:2]
+    errors = [f"{slot}: {type(p[j]).__name__}: {p[j]}" for slot, p in preds.items() if isinstance(p[j], Exception)]
+    if errors:
+        skip(e, "teacher_error", "; ".join(errors), (h, w))
+        return
+    t0 = time.perf_counter()
+    meta: dict[str, Any] = {
+        "schema_version": S.SCHEMA_VERSION, "key": e.key,
+        "source": {"uri": e.uri, "bytes": len(data), "reencoded": jpeg is not data},
+        "width": w, "height": h, "teachers": primary_briefs,
+        "label_resolution": {slot: list(t.input_size(h, w)) for slot, t in teachers.items()
+                             if slot in primary_briefs},
+    }
+    sample = S.LabelledSample(key=e.key, rgb_jpeg=jpeg, meta=meta, cls=e.cls)
+    if "depth" in teachers:
+        sample.depth = preds["depth"][j]
+        meta["depth"] = {"kind": metas["depth"]["kind"], "teacher": metas["depth"]["name"]}
+    if "semseg" in teachers:
+        sample.semseg = preds["semseg"][j]
+        sample.num_classes = metas["semseg"]["num_classes"]
+        meta["label_set"] = metas["semseg"]["label_set"]
+        meta["semseg"] = {"label_set": metas["semseg"]["label_set"], "teacher": metas["semseg"]["name"]}
+    extra_meta: dict[str, dict] = {}
+    for slot, teacher in teachers.items():
+        if slot in primary_briefs:
+            continue
+        task, m = slot_task(slot), metas[slot]
+        name = S.member(task, m["name"])
+        info = {**briefs[slot], "label_resolution": list(teacher.input_size(h, w))}
+        if task == "depth":
+            png, rng = S.encode_depth(preds[slot][j])
+            info["depth_range"] = rng
+        else:
+            png = S.encode_semseg(preds[slot][j], m["num_classes"])
+            info.update(num_classes=m["num_classes"], ignore_index=m["ignore_index"])
+        sample.extra[name] = png
+        extra_meta[name] = info
+    if extra_meta:
+        meta["extra_teachers"] = extra_meta
+    if e.cls is not None:
+        meta["cls"] = int(e.cls)
+        if job.classes is not None and 0 <= e.cls < len(job.classes):
+            meta["class_name"] = job.classes[e.cls]
+    encoded = sample.encode()
+    busy["encode"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.write(encoded)
+    busy["write"] += time.perf_counter() - t0
+    rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
 
 
 class LabelWorker:
@@ -489,8 +711,9 @@ def _write_outputs(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teacher
         "plan": {"samples_per_shard": plan.meta.get("samples_per_shard"), "seed": plan.meta.get("seed"),
                  "num_shards": len(planned), "num_keys": len(plan.keys)},
         "teachers": teachers, "label_sets": label_sets,
-        "members": {"rgb": S.RGB, **({"depth": S.DEPTH} if "depth" in teachers else {}),
-                    **({"semseg": S.SEMSEG} if "semseg" in teachers else {}), "meta": S.META, "cls": S.CLS},
+        "members": {"rgb": S.RGB,
+                    **{slot: S.member(slot_task(slot), None if slot == slot_task(slot) else m["name"])
+                       for slot, m in teachers.items()}, "meta": S.META, "cls": S.CLS},
         "counts": {**counts, "shards": len(stats)},
         "complete": set(planned) <= set(stats),
         "shards": [{"index": i, "name": stats[i]["name"], "url": S.shard_url(cfg.output, cfg.split, i),
@@ -505,7 +728,7 @@ def _write_outputs(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teacher
     return index_url, manifest_url
 
 
-STAGES = ("read", "decode", "depth", "semseg", "encode", "write")
+STAGES = ("read", "decode", "resize", "depth", "semseg", "encode", "write")
 
 
 def stage_totals(stats: Iterable[dict]) -> dict[str, dict[str, float]]:
@@ -592,6 +815,7 @@ def _print_summary(summary: dict) -> None:
     t.add_row(f"images/s (labelling, {summary['workers']} workers)", f"{summary['images_per_s']:.2f}", "")
     for stage, v in summary.get("stages", {}).items():
         t.add_row(f"stage {stage}: busy s, images/s", f"{v['busy_seconds']:.1f}, {v['images_per_s']:.1f}", "")
+    t.add_row("teacher stage waiting for decoded images, s", f"{summary.get('teacher_wait_seconds', 0.0):.1f}", "")
     Console().print(t)
 
 
@@ -606,9 +830,11 @@ def run_label(cfg: LabelConfig) -> dict:
         by reason), ``seconds`` (wall time of the call), ``ray_start_seconds`` (connecting to/starting
         Ray), ``teacher_load_seconds`` (until every worker has its teachers), ``label_seconds`` (from then
         to the last shard), ``images_per_s`` (images in this run / ``label_seconds``), ``stages``
-        (:func:`stage_totals` of this run's shards), ``workers``, ``retries``, ``shards_retried``
-        (``{index: attempts}``), ``workers_replaced``, ``teachers`` (``{task: {name, revision,
-        random_init, kind | label_set}}``).
+        (:func:`stage_totals` of this run's shards), ``teacher_wait_seconds`` (summed over this
+        run's shards: seconds the teacher stages waited for decoded batches), ``workers``,
+        ``retries``, ``shards_retried`` (``{index: attempts}``), ``workers_replaced``, ``teachers``
+        (``{slot: {name, revision, random_init, kind | label_set}}``, ``slot`` as in
+        :func:`teacher_slot`: every teacher of every task).
     Raises:
         SourceError: the input cannot be listed. FileNotFoundError: teacher weights missing.
         ValueError: the output was planned from another input, or its shards were labelled by other
@@ -618,10 +844,10 @@ def run_label(cfg: LabelConfig) -> dict:
     t_start = time.time()
     split_url = S.split_dir(cfg.output, cfg.split)
     plan_url = f"{split_url}/{PLAN_NAME}"
-    for key in ("depth_weights", "semseg_weights"):
-        w = getattr(cfg, key)
-        if w is not None and not storage.exists(w):
-            raise FileNotFoundError(f"{key}: {w} does not exist")
+    for task, pairs in cfg.teacher_weights().items():
+        for name, w in pairs:
+            if w is not None and not storage.exists(w):
+                raise FileNotFoundError(f"{task}_weights: {w} (of teacher {name}) does not exist")
     source = open_source(cfg.input, cfg.input_kind)
     if cfg.mode == "overwrite":
         _clear_split(cfg.output, cfg.split)
@@ -702,6 +928,7 @@ def run_label(cfg: LabelConfig) -> dict:
         "teacher_load_seconds": round(run.teacher_load_seconds, 3),
         "images_per_s": round(run_totals["samples_in"] / label_s, 3) if run_stats and label_s > 0 else 0.0,
         "stages": stage_totals(run_stats),
+        "teacher_wait_seconds": round(sum(s.get("teacher_wait_seconds", 0.0) for s in run_stats), 3),
         "workers": run.workers, "retries": run.retries, "shards_retried": run.retried or {},
         "workers_replaced": run.workers_replaced,
         "teachers": {t: _teacher_brief(m) for t, m in teachers_meta.items()},
@@ -796,7 +1023,8 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
         _check_teachers(run.teachers, stats)
         classes = plan.meta.get("classes")
         jobs = [ShardJob(cfg.split, i, S.shard_url(cfg.output, cfg.split, i), S.stats_url(cfg.output, cfg.split, i),
-                         by_shard[i], classes, cfg.max_pixels, cfg.batch_size, cfg.read_threads) for i in pending]
+                         by_shard[i], classes, cfg.max_pixels, cfg.batch_size, cfg.read_threads, cfg.decode_threads)
+                for i in pending]
         t_ready = time.time()
         queue = collections.deque(jobs)
         attempts: collections.Counter = collections.Counter()

@@ -193,6 +193,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+def make_optimizer(model: torch.nn.Module, cfg: "PretrainConfig") -> torch.optim.AdamW:
+    """The AdamW of the recipe (β from the config, decoupled weight decay on :func:`param_groups`).
+
+    Uses torch's fused kernel (one pass over each tensor), which matters most under ZeRO: DeepSpeed hands
+    the optimizer one flat 1-D partition per group, and torch's default single-tensor path on CPU is ~8x
+    slower there (benchmarks/RESULTS.md)."""
+    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr_at(0, cfg),
+                             betas=tuple(cfg.optim.betas), fused=True)
+
+
 def device_peak_flops(cfg_tflops: float) -> float | None:
     """Peak dense bf16 FLOP/s of one device for MFU: the configured value, else a known GPU's, else None."""
     if cfg_tflops > 0:
@@ -341,8 +351,7 @@ class Trainer:
             register_zero3_external_params(model)
         self.init_kwargs = dict(model.init_kwargs)
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr_at(0, cfg),
-                                betas=tuple(cfg.optim.betas))
+        opt = make_optimizer(model, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
         if self.world == 1 and cfg.train.zero_stage == 0:
             # nothing to average over one rank: skip DeepSpeed's flatten + all-reduce + unflatten of every grad

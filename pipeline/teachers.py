@@ -168,14 +168,42 @@ class Teacher:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _pixel_values(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-        """Normalised ``[B, 3, h, w]`` float32 input of the images resized to ``size``."""
+    def resize_input(self, image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The image resized to this teacher's input size, before normalisation.
+
+        This is the CPU half of :meth:`predict`: the label job calls it in decode threads ahead of the
+        teacher stage and hands the result to ``predict(images, resized=...)``; the maps are the same as
+        without it when ``device`` is the teacher's device.
+
+        Args:
+            image: uint8 ``[H, W, 3]`` RGB.
+            device: where to resize (default CPU).
+        Returns:
+            float32 ``[1, 3, h, w]`` with values in ``[0, 255]``, ``(h, w)`` = :meth:`input_size`.
+        Raises:
+            ValueError: an input that is not uint8 ``[H, W, 3]``.
+        """
+        self._check([image])
+        return self._resize(image, self.input_size(image.shape[0], image.shape[1]), torch.device(device))
+
+    @staticmethod
+    def _resize(img: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float()
+        if tuple(t.shape[-2:]) != tuple(size):
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return t.clamp_(0.0, 255.0)
+
+    def _pixel_values(self, images: Sequence[np.ndarray], size: tuple[int, int],
+                      resized: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Normalised ``[B, 3, h, w]`` float32 input of the images resized to ``size`` (``resized``: the
+        images already resized by :meth:`resize_input`, or ``None`` per image to resize here)."""
         out = []
-        for img in images:
-            t = torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1)[None].float()
-            if tuple(t.shape[-2:]) != tuple(size):
-                t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
-            out.append(t.clamp_(0.0, 255.0))
+        for i, img in enumerate(images):
+            pre = resized[i] if resized is not None else None
+            if pre is not None and tuple(pre.shape[-2:]) == tuple(size):
+                out.append(pre.to(self.device))
+            else:
+                out.append(self._resize(img, size, self.device))
         x = torch.cat(out)
         return (x - self._mean) / self._std
 
@@ -186,13 +214,16 @@ class Teacher:
                                  f"{getattr(img, 'dtype', type(img))} {getattr(img, 'shape', '')}")
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def predict(self, images: Sequence[np.ndarray],
+                resized: Sequence[torch.Tensor | None] | None = None) -> list[np.ndarray]:
         """Dense maps at each image's original size.
 
         Images are grouped by model input size and run in batches of up to ``batch_size``.
 
         Args:
             images: uint8 ``[H, W, 3]`` RGB arrays (sizes may differ).
+            resized: optional, one per image: :meth:`resize_input` of it (done ahead, e.g. in another
+                thread), or ``None`` to resize here; a tensor of the wrong size is ignored.
         Returns:
             depth teachers: float32 ``[H, W]`` per image; semseg teachers: int64 ``[H, W]`` class ids.
         Raises:
@@ -206,7 +237,8 @@ class Teacher:
         for size, idx in groups.items():
             for s in range(0, len(idx), self.batch_size):
                 part = idx[s:s + self.batch_size]
-                x = self._pixel_values([images[i] for i in part], size)
+                x = self._pixel_values([images[i] for i in part], size,
+                                       None if resized is None else [resized[i] for i in part])
                 with self._autocast():
                     outputs = self._forward(x)
                 maps = self._postprocess(outputs, [images[i].shape[:2] for i in part])

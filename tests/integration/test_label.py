@@ -86,7 +86,8 @@ def test_shards_and_keys(labelled):
     assert summary["workers"] == 2 and summary["retries"] == 0 and summary["shards_retried"] == {}
     assert summary["teacher_load_seconds"] > 0 and summary["label_seconds"] > 0
     stages = summary["stages"]
-    assert list(stages) == ["read", "decode", "depth", "semseg", "encode", "write"]
+    assert list(stages) == ["read", "decode", "resize", "depth", "semseg", "encode", "write"]
+    assert summary["teacher_wait_seconds"] >= 0
     assert stages["semseg"]["busy_seconds"] > 0 and stages["semseg"]["images_per_s"] == pytest.approx(
         n / stages["semseg"]["busy_seconds"], rel=0.02)
     keys_in_tars = []
@@ -290,3 +291,72 @@ def test_label_from_and_to_s3_with_the_cli(moto_s3, tmp_path, photo_writer):
     assert not [p for p in fs.find("polymae-test/shards") if ".tmp" in p]
     raw = list(S.iter_raw_samples([e["url"] for e in manifest["shards"]]))  # webdataset via fsspec
     assert sorted(r["__key__"] for r in raw) == ["chelsea", "coins", "rocket"]
+
+
+def test_two_depth_teachers_in_one_job(tmp_path, ray_local, photo_writer):
+    """depth_teacher=dpt,depth_anything: dpt stays the primary (depth.png byte-identical to a dpt-only run),
+    depth_anything goes to depth.depth_anything.png with its own range, and the manifest lists both."""
+    src = tmp_path / "src"
+    photo_writer(src, ["chelsea", "camera", "coins"])
+    both = run_label(_cfg(input=str(src), output=str(tmp_path / "both"), num_workers=1,
+                          depth_teacher="dpt,depth_anything", semseg_teacher="segformer"))
+    single = run_label(_cfg(input=str(src), output=str(tmp_path / "one"), num_workers=1))
+    assert both["written"] == single["written"] == 3
+    extra = S.member("depth", "depth_anything")
+    assert extra == "depth.depth_anything.png"
+    raw2 = {r["__key__"]: r for r in S.iter_raw_samples([str(p) for p in _tars(tmp_path / "both" / "train")])}
+    raw1 = {r["__key__"]: r for r in S.iter_raw_samples([str(p) for p in _tars(tmp_path / "one" / "train")])}
+    assert sorted(raw2) == sorted(raw1)
+    for key, r in raw2.items():
+        assert {S.RGB, S.DEPTH, S.SEMSEG, extra, S.META} <= set(r) and S.member("semseg", "segformer") not in r
+        assert r[S.DEPTH] == raw1[key][S.DEPTH] and r[S.SEMSEG] == raw1[key][S.SEMSEG]  # primary unchanged
+        meta = json.loads(r[S.META])
+        info = meta["extra_teachers"][extra]
+        assert info["name"] == "depth_anything" and info["random_init"] is True and info["kind"]
+        depth = S.decode_depth(r[extra], info["depth_range"])
+        assert depth.shape == (meta["height"], meta["width"]) and depth.dtype == np.float32
+        assert info["depth_range"] > 0 and np.isclose(depth.max(), info["depth_range"])
+        assert meta["depth"]["teacher"] == "dpt" and set(meta["teachers"]) == {"depth", "semseg"}
+    manifest = json.loads((tmp_path / "both" / "train" / "manifest.json").read_text())
+    assert {m["name"] for m in manifest["teachers"].values() if m["task"] == "depth"} == {"dpt", "depth_anything"}
+    assert manifest["teachers"]["depth"]["name"] == "dpt"
+    assert manifest["members"]["depth.depth_anything"] == extra and manifest["members"]["depth"] == S.DEPTH
+    assert set(both["teachers"]) == {"depth", "depth.depth_anything", "semseg"}
+    assert "depth.depth_anything" in both["stages"]
+
+
+def test_multi_teacher_config_errors_name_the_key():
+    ok = load_config(LabelConfig, None, ["input=x", "depth_teacher=dpt, depth_anything", "depth_weights=/a,null"])
+    assert list(ok.teacher_specs()) == ["depth", "depth.depth_anything", "semseg"]
+    specs = ok.teacher_specs()
+    assert specs["depth"]["weights"] == "/a" and specs["depth.depth_anything"]["weights"] is None
+    for override, key in ((["depth_teacher=dpt,midas"], "depth_teacher"),
+                          (["depth_teacher=dpt,dpt"], "depth_teacher"),
+                          (["semseg_teacher=segformer,none"], "semseg_teacher"),
+                          (["depth_teacher=dpt,depth_anything", "depth_weights=/a"], "depth_weights"),
+                          (["semseg_weights=/a,/b"], "semseg_weights"),
+                          (["decode_threads=0"], "decode_threads")):
+        with pytest.raises(ConfigError) as e:
+            load_config(LabelConfig, None, ["input=x", *override])
+        assert e.value.key == key, override
+
+
+def test_decode_threads_keep_shards_identical_and_report_teacher_wait(tmp_path, ray_local, photo_writer):
+    """The CPU stages (decode + resize) run ahead in threads: shards are byte-identical for any
+    decode_threads, bad inputs are still skipped, and the teacher stage's wait is measured."""
+    src = tmp_path / "src"
+    photo_writer(src, ["chelsea", "camera", "coins"])
+    (src / "zero_bytes.jpg").write_bytes(b"")
+    shas = {}
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}"
+        summary = run_label(_cfg(input=str(src), output=str(out), num_workers=1, batch_size=2,
+                                 decode_threads=threads))
+        assert summary["written"] == 3 and summary["skipped_by_reason"] == {"empty": 1}
+        assert summary["teacher_wait_seconds"] >= 0
+        for stats_file in sorted((out / "train").glob("train-*.stats.json")):
+            stats = json.loads(stats_file.read_text())
+            assert stats["teacher_wait_seconds"] >= 0 and stats["decode_threads"] == threads
+            assert {"read", "decode", "resize", "depth", "semseg"} <= set(stats["busy_seconds"])
+        shas[threads] = {p.name: _sha(p) for p in _tars(out / "train")}
+    assert shas[1] == shas[2] and len(shas[1]) == 2

@@ -173,3 +173,17 @@ def test_oneformer_takes_task_inputs_from_the_checkpoint_tokenizer(tmp_path, ima
     assert ids[:4] == [5, 6, 7, 8] and len(ids) == t.model.config.task_seq_len and set(ids[4:]) == {0}
     out = loaded.predict(images[:1])[0]
     assert out.shape == SIZES[0] and out.dtype == np.int64
+
+
+@pytest.mark.parametrize("name", ["dpt", "segformer"])
+def test_resize_input_ahead_gives_the_same_maps(images, name):
+    """The label job resizes in decode threads (resize_input) and hands the result to predict: same maps."""
+    t = T.build_tiny(name, seed=0, short_side=64, batch_size=4)
+    pre = [t.resize_input(im) for im in images]
+    for im, p in zip(images, pre):
+        assert p.dtype == torch.float32 and tuple(p.shape) == (1, 3, *t.input_size(*im.shape[:2]))
+        assert float(p.min()) >= 0.0 and float(p.max()) <= 255.0
+    for a, b in zip(t.predict(images, resized=pre), t.predict(images)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        t.resize_input(images[0].astype(np.float32))
