@@ -54,17 +54,20 @@ def read_bytes(url: str) -> bytes:
         return fh.read()
 
 
+def _chunks(url: str) -> Iterator[bytes]:
+    """The object's bytes in ``CHUNK``-sized pieces."""
+    with fsspec.open(url, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
 def sha256_of(url: str) -> tuple[str, int]:
     """``(hex sha256, size in bytes)`` of the object at ``url``, streamed in 8 MiB chunks."""
     h = hashlib.sha256()
     size = 0
-    with fsspec.open(url, "rb") as fh:
-        while True:
-            chunk = fh.read(CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
+    for chunk in _chunks(url):
+        h.update(chunk)
+        size += len(chunk)
     return h.hexdigest(), size
 
 
@@ -72,11 +75,8 @@ def copy_atomic(src: str, dst: str) -> tuple[str, int]:
     """Copy ``src`` to ``dst`` atomically, returning ``(sha256, size)`` of the bytes copied."""
     h = hashlib.sha256()
     size = 0
-    with fsspec.open(src, "rb") as fin, AtomicWriter(dst) as w:
-        while True:
-            chunk = fin.read(CHUNK)
-            if not chunk:
-                break
+    with AtomicWriter(dst) as w:
+        for chunk in _chunks(src):
             h.update(chunk)
             size += len(chunk)
             w.write(chunk)

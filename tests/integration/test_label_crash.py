@@ -23,6 +23,7 @@ import pytest
 from polymae.datasets import shards as S
 from polymae.datasets.sources import make_key
 from polymae.pipeline.labeling import LabelConfig, run_label
+from proc_helpers import session_members
 
 pytestmark = pytest.mark.integration
 
@@ -78,21 +79,6 @@ def _assert_exactly_once(split: Path, expected_keys: set[str]) -> dict:
     return manifest
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live PIDs in session ``sid`` (from /proc). Ray gives each worker its own process group, so the
-    driver's session, not its group, is what holds every process of the killed run."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-                out.append(int(d))
-    return out
-
-
 def test_driver_sigkill_then_rerun_is_exactly_once(tmp_path, photos_dir):
     src = tmp_path / "src"
     expected = _source(src, photos_dir, copies=1)  # 16 images -> 8 shards of 2
@@ -118,7 +104,7 @@ def test_driver_sigkill_then_rerun_is_exactly_once(tmp_path, photos_dir):
             # group (driver, GCS, raylet) and, at once, the Ray workers, which Ray puts in process groups
             # of their own (killing only the driver's group lets them finish the shard in hand).
             os.killpg(proc.pid, signal.SIGKILL)
-            for pid in _session_members(proc.pid):
+            for pid in session_members(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             t_kill = time.time()
@@ -128,9 +114,9 @@ def test_driver_sigkill_then_rerun_is_exactly_once(tmp_path, photos_dir):
             proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     deadline = time.time() + 30
-    while _session_members(proc.pid) and time.time() < deadline:
+    while session_members(proc.pid) and time.time() < deadline:
         time.sleep(0.1)
-    assert _session_members(proc.pid) == []
+    assert session_members(proc.pid) == []
 
     # What the kill left: finished shards (tar + stats), hidden temporaries, nothing else trusted.
     names = sorted(os.listdir(split))

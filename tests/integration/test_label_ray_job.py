@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from polymae.datasets import shards as S
+from proc_helpers import session_members
 
 pytestmark = pytest.mark.integration
 
@@ -35,20 +36,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live PIDs of session ``sid`` (Ray workers have their own process groups, not their own session)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-                out.append(int(d))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +86,9 @@ def ray_head(tmp_path_factory):
         except ProcessLookupError:
             pass
         deadline = time.time() + 20
-        while _session_members(head.pid) and time.time() < deadline:
+        while session_members(head.pid) and time.time() < deadline:
             time.sleep(0.2)
-        for pid in _session_members(head.pid):  # started by this head (workers, agents): end them by PID
+        for pid in session_members(head.pid):  # started by this head (workers, agents): end them by PID
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
