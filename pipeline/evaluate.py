@@ -14,7 +14,6 @@ Writes ``results.json`` and ``results.md`` and prints the table.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass

@@ -1,0 +1,390 @@
+"""What one label worker does: decode a shard's images ahead of the teachers, run every teacher in
+batches, and write the shard tar + its done marker (``label_shard``); ``LabelWorker`` is the Ray actor
+that holds the teachers (loaded once per worker) and labels the shards the driver sends it.
+
+The driver, the plan and the config are in ``pipeline/labeling.py``.
+"""
+
+from __future__ import annotations
+import collections
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterable
+import numpy as np
+from polymae.datasets import shards as S
+from polymae.datasets.sources import SourceEntry, iter_bytes
+
+log = logging.getLogger("polymae.label")
+
+
+def teacher_list(value: str | None) -> list[str]:
+    """Teacher names of a ``depth_teacher``/``semseg_teacher`` value: ``"dpt, depth_anything"`` →
+    ``["dpt", "depth_anything"]``; ``"none"`` (or ``None``) → ``[]``."""
+    items = [v.strip() for v in str(value if value is not None else "none").split(",")]
+    return [] if items == ["none"] else items
+
+
+def teacher_slot(task: str, name: str, primary: bool) -> str:
+    """Key of a teacher in the job's teacher dicts, stats and manifest: ``task`` for the primary teacher,
+    ``{task}.{name}`` (its member name without ``.png``) for a further one."""
+    return task if primary else S.member(task, name)[: -len(".png")]
+
+
+def slot_task(slot: str) -> str:
+    """``depth``/``semseg`` of a teacher slot (see :func:`teacher_slot`)."""
+    return slot.split(".", 1)[0]
+
+
+@dataclass
+class ShardJob:
+    """One shard to label: ``index``, output ``url`` and ``stats_url``, its ``entries`` in order, the source
+    ``classes`` (names by class index, or ``None``), and the per-image limits."""
+
+    split: str
+    index: int
+    url: str
+    stats_url: str
+    entries: list[SourceEntry]
+    classes: list[str] | None = None
+    max_pixels: int = 40_000_000
+    batch_size: int = 16
+    read_threads: int = 8
+    decode_threads: int = 1
+
+
+PREFETCH_BATCHES = 2  # decoded batches waiting for the teacher stage (bounds the worker's memory)
+def teacher_brief(meta: dict) -> dict:
+    """The part of a teacher's metadata stored in every sample's ``json``: name, revision, random-init
+    flag, depth kind or label set."""
+    keep = ("name", "revision", "random_init", "kind", "label_set")
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def _predict_safely(teacher, images: list[np.ndarray], resized: list | None = None) -> list[np.ndarray | Exception]:
+    """Predict a batch; if the batch fails, predict image by image so one bad image costs one sample."""
+    try:
+        return teacher.predict(images, resized=resized)
+    except Exception:  # noqa: BLE001
+        out: list[np.ndarray | Exception] = []
+        for i, img in enumerate(images):
+            try:
+                out.append(teacher.predict([img], resized=None if resized is None else [resized[i]])[0])
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
+
+
+@dataclass
+class _Decoded:
+    """One entry after the CPU stage: ``rgb``/``jpeg``/``data`` and ``resized`` (slot → teacher input,
+    see ``Teacher.resize_input``), or ``skip`` = ``(reason, detail)``; seconds spent decoding/resizing."""
+
+    entry: SourceEntry
+    rgb: np.ndarray | None = None
+    jpeg: bytes | None = None
+    data: bytes | None = None
+    resized: dict | None = None
+    skip: tuple[str, str] | None = None
+    decode_s: float = 0.0
+    resize_s: float = 0.0
+
+
+def _decode_entry(e: SourceEntry, data: bytes, max_pixels: int, teachers: dict[str, Any]) -> _Decoded:
+    """The CPU stage of one image (runs in a decode thread): ``load_rgb`` then one resize per distinct
+    teacher input size. A resize that fails is left to ``predict``, which reports it as a teacher error."""
+    t0 = time.perf_counter()
+    try:
+        rgb, jpeg = S.load_rgb(data, max_pixels=max_pixels)
+    except S.BadImage as bad:
+        return _Decoded(e, skip=(bad.reason, str(bad)), decode_s=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    by_size: dict[tuple[int, int], Any] = {}
+    resized: dict[str, Any] = {}
+    for slot, teacher in teachers.items():
+        try:
+            size = tuple(teacher.input_size(rgb.shape[0], rgb.shape[1]))
+            if size not in by_size:
+                by_size[size] = teacher.resize_input(rgb)
+            resized[slot] = by_size[size]
+        except Exception:  # noqa: BLE001 - predict resizes itself and reports the error per sample
+            resized[slot] = None
+    return _Decoded(e, rgb=rgb, jpeg=jpeg, data=data, resized=resized, decode_s=t1 - t0,
+                    resize_s=time.perf_counter() - t1)
+
+
+class _Prefetcher:
+    """The CPU stages of a shard, ahead of the teacher stage: a feeder thread reads each batch's bytes in
+    order (``iter_bytes``) and submits every image to a pool of ``decode_threads`` threads
+    (:func:`_decode_entry`); the batch (a list of futures, in entry order) goes into a queue of at most
+    :data:`PREFETCH_BATCHES`. :meth:`batches` yields the decoded batches in order and measures ``wait``,
+    the seconds the consumer (the teacher stage) spent waiting for them. Use as a context manager."""
+
+    _END = object()
+
+    def __init__(self, job: ShardJob, teachers: dict[str, Any]):
+        import queue
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.job, self.teachers = job, teachers
+        self.read_s = self.wait = 0.0
+        self._queue: Any = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self._full = queue.Full
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, job.decode_threads), thread_name_prefix="label-decode")
+        self._thread = threading.Thread(target=self._feed, name="label-feed", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except self._full:
+                continue
+        return False
+
+    def _feed(self) -> None:
+        from concurrent.futures import Future
+
+        job = self.job
+        reader = None
+        try:
+            reader = iter_bytes([e.uri for e in job.entries], threads=job.read_threads)
+            for b0 in range(0, len(job.entries), job.batch_size):
+                items = []
+                for e in job.entries[b0:b0 + job.batch_size]:
+                    t0 = time.perf_counter()
+                    _, data = next(reader)
+                    self.read_s += time.perf_counter() - t0
+                    if isinstance(data, BaseException):
+                        f: Future = Future()
+                        f.set_result(_Decoded(e, skip=("missing" if isinstance(data, FileNotFoundError)
+                                                       else "unreadable", f"{type(data).__name__}: {data}")))
+                        items.append(f)
+                    else:
+                        items.append(self._pool.submit(_decode_entry, e, data, job.max_pixels, self.teachers))
+                if not self._put(items):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self._put(exc)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def batches(self) -> Iterable[list[_Decoded]]:
+        """Decoded batches in entry order. Raises what the feeder or a decode thread raised."""
+        while True:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            if item is self._END:
+                self.wait += time.perf_counter() - t0
+                return
+            if isinstance(item, BaseException):
+                raise item
+            decoded = [f.result() for f in item]
+            self.wait += time.perf_counter() - t0
+            yield decoded
+
+    def __enter__(self) -> "_Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
+    """Label one shard and write ``{split}-{index:06d}.tar`` then its stats file (the done marker).
+
+    Stages: each entry's bytes are read (``read_threads`` ahead), decoded by ``load_rgb`` (EXIF rotation,
+    CMYK, 16-bit, palette and alpha handled) and resized to every teacher's input size in
+    ``decode_threads`` threads, up to :data:`PREFETCH_BATCHES` batches ahead of the teacher stage (so the
+    teachers, e.g. on a GPU, do not wait on JPEG decoding); then every teacher labels the batch
+    (``batch_size`` images) and the samples are written in entry order with
+    :class:`~polymae.datasets.shards.ShardTarWriter`. The tar is the same for any ``decode_threads``.
+    An input that cannot be read or decoded is a *skip* with a reason (``missing``, ``unreadable``,
+    ``empty``, ``undecodable``, ``too_large``, ``teacher_error``); the shard goes on.
+
+    The primary teacher of a task writes ``depth.png``/``semseg.png`` and its metadata in the sample
+    ``json`` as with one teacher; a further teacher (slot ``{task}.{name}``) writes
+    ``depth.<name>.png``/``semseg.<name>.png`` and ``json["extra_teachers"][member]`` = its name,
+    revision, random_init, ``label_resolution`` and ``kind`` + ``depth_range`` (depth) or ``label_set``
+    + ``num_classes`` + ``ignore_index`` (semseg).
+
+    Args:
+        job: the shard.
+        teachers: ``{slot: Teacher}`` (see :func:`teacher_slot`): ``depth``/``semseg`` for the primary
+            teachers (either may be absent), ``depth.<name>``/``semseg.<name>`` for further ones.
+    Returns:
+        the stats dict written to ``job.stats_url``: ``samples_in``, ``written``, ``skipped`` (by reason),
+        ``seconds``, ``started``/``finished`` (unix seconds), ``cpu_seconds`` (CPU time of the worker
+        process meanwhile; well below ``seconds`` means the worker did not get its CPU),
+        ``busy_seconds`` per stage (read, decode, resize, one per teacher slot, encode, write; seconds of
+        this worker; read/decode/resize are measured in their own threads and overlap the others),
+        ``teacher_wait_seconds`` (seconds the teacher stage waited for a decoded batch; near 0 when the
+        CPU stages keep up), ``teachers``, ``size``/``sha256`` of the tar, ``host``/``pid``/``nice`` of
+        the worker, and ``samples`` (a row per entry: key, cls, width, height, skipped, detail).
+    Raises:
+        whatever the writer, the reader or ``load_rgb`` raises other than a per-image skip (the tar is
+        then removed, no stats file is written).
+    """
+    t_start = time.time()
+    cpu_start = time.process_time()
+    busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", "resize", *teachers, "encode", "write")}
+    rows: dict[str, dict] = {}
+    metas = {slot: t.metadata() for slot, t in teachers.items()}
+    briefs = {slot: teacher_brief(m) for slot, m in metas.items()}
+    primary_briefs = {slot: b for slot, b in briefs.items() if slot == slot_task(slot)}
+    n = len(job.entries)
+    wait = 0.0
+
+    def skip(e: SourceEntry, reason: str, detail: str, size: tuple[int, int] | None = None) -> None:
+        rows[e.key] = {"key": e.key, "cls": e.cls, "width": size[1] if size else None,
+                       "height": size[0] if size else None, "skipped": reason, "detail": detail[:300]}
+
+    writer = S.ShardTarWriter(job.url)
+    try:
+        with _Prefetcher(job, teachers) as prefetch:
+            if True:  # the teacher stage
+                for decoded in prefetch.batches():
+                    good: list[_Decoded] = []
+                    for d in decoded:
+                        busy["decode"] += d.decode_s
+                        busy["resize"] += d.resize_s
+                        if d.skip is not None:
+                            skip(d.entry, *d.skip)
+                        else:
+                            good.append(d)
+                    if not good:
+                        continue
+                    images = [g.rgb for g in good]
+                    preds: dict[str, list] = {}
+                    for slot, teacher in teachers.items():
+                        t0 = time.perf_counter()
+                        preds[slot] = _predict_safely(teacher, images, [g.resized.get(slot) for g in good])
+                        busy[slot] += time.perf_counter() - t0
+                    for j, g in enumerate(good):
+                        _write_sample(job, g, j, teachers, metas, briefs, primary_briefs, preds, writer, busy,
+                                      rows, skip)
+        busy["read"] = prefetch.read_s  # the feeder has stopped
+        wait = prefetch.wait
+        t0 = time.perf_counter()
+        writer.close()
+        busy["write"] += time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+    samples = [rows[e.key] for e in job.entries]
+    skipped = collections.Counter(r["skipped"] for r in samples if r["skipped"])
+    stats = {
+        "schema_version": S.SCHEMA_VERSION, "split": job.split, "index": job.index,
+        "name": S.shard_name(job.split, job.index), "url": job.url,
+        "samples_in": n, "written": writer.count, "skipped": dict(sorted(skipped.items())),
+        "seconds": round(time.time() - t_start, 4),
+        "started": round(t_start, 6), "finished": round(time.time(), 6),
+        "cpu_seconds": round(time.process_time() - cpu_start, 4),
+        "busy_seconds": {k: round(v, 4) for k, v in sorted(busy.items())},
+        "teacher_wait_seconds": round(wait, 4), "decode_threads": job.decode_threads,
+        "teachers": {slot: {k: v for k, v in m.items() if k != "class_names"} for slot, m in metas.items()},
+        "size": writer.bytes_written, "sha256": writer.sha256,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(), "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "samples": samples,
+    }
+    S.write_json_atomic(job.stats_url, stats)
+    return stats
+
+
+def _write_sample(job: ShardJob, g: _Decoded, j: int, teachers: dict[str, Any], metas: dict, briefs: dict,
+                  primary_briefs: dict, preds: dict[str, list], writer: Any, busy: dict, rows: dict, skip) -> None:
+    """Encode and write the ``j``-th good sample of a batch (or skip it when a teacher failed on it)."""
+    e, rgb, jpeg, data = g.entry, g.rgb, g.jpeg, g.data
+    h, w = rgb.shape[:2]
+    errors = [f"{slot}: {type(p[j]).__name__}: {p[j]}" for slot, p in preds.items() if isinstance(p[j], Exception)]
+    if errors:
+        skip(e, "teacher_error", "; ".join(errors), (h, w))
+        return
+    t0 = time.perf_counter()
+    meta: dict[str, Any] = {
+        "schema_version": S.SCHEMA_VERSION, "key": e.key,
+        "source": {"uri": e.uri, "bytes": len(data), "reencoded": jpeg is not data},
+        "width": w, "height": h, "teachers": primary_briefs,
+        "label_resolution": {slot: list(t.input_size(h, w)) for slot, t in teachers.items()
+                             if slot in primary_briefs},
+    }
+    sample = S.LabelledSample(key=e.key, rgb_jpeg=jpeg, meta=meta, cls=e.cls)
+    if "depth" in teachers:
+        sample.depth = preds["depth"][j]
+        meta["depth"] = {"kind": metas["depth"]["kind"], "teacher": metas["depth"]["name"]}
+    if "semseg" in teachers:
+        sample.semseg = preds["semseg"][j]
+        sample.num_classes = metas["semseg"]["num_classes"]
+        meta["label_set"] = metas["semseg"]["label_set"]
+        meta["semseg"] = {"label_set": metas["semseg"]["label_set"], "teacher": metas["semseg"]["name"]}
+    extra_meta: dict[str, dict] = {}
+    for slot, teacher in teachers.items():
+        if slot in primary_briefs:
+            continue
+        task, m = slot_task(slot), metas[slot]
+        name = S.member(task, m["name"])
+        info = {**briefs[slot], "label_resolution": list(teacher.input_size(h, w))}
+        if task == "depth":
+            png, rng = S.encode_depth(preds[slot][j])
+            info["depth_range"] = rng
+        else:
+            png = S.encode_semseg(preds[slot][j], m["num_classes"])
+            info.update(num_classes=m["num_classes"], ignore_index=m["ignore_index"])
+        sample.extra[name] = png
+        extra_meta[name] = info
+    if extra_meta:
+        meta["extra_teachers"] = extra_meta
+    if e.cls is not None:
+        meta["cls"] = int(e.cls)
+        if job.classes is not None and 0 <= e.cls < len(job.classes):
+            meta["class_name"] = job.classes[e.cls]
+    encoded = sample.encode()
+    busy["encode"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.write(encoded)
+    busy["write"] += time.perf_counter() - t0
+    rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
+
+
+class LabelWorker:
+    """Ray actor body: loads the teachers once (``teacher_specs``: ``{task: load_teacher kwargs}``) and
+    labels shards with :func:`label_shard`. ``threads``: torch intra-op threads. ``nice``: niceness to
+    run at (``None`` keeps the one Ray gave, 15 by default); lowering it may need privileges
+    (``CAP_SYS_NICE``), without which the worker keeps its niceness and logs a warning."""
+
+    def __init__(self, teacher_specs: dict[str, dict], threads: int = 1, nice: int | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+
+        from polymae.pipeline.teachers import load_teacher
+
+        if nice is not None and os.getpriority(os.PRIO_PROCESS, 0) != nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            except OSError as e:
+                log.warning("label worker keeps niceness %d (could not set %d: %s)",
+                            os.getpriority(os.PRIO_PROCESS, 0), nice, e)
+        torch.set_num_threads(max(1, int(threads)))
+        self.teachers = {task: load_teacher(**spec) for task, spec in teacher_specs.items()}
+
+    def metadata(self) -> dict[str, dict]:
+        """``{task: teacher.metadata()}``."""
+        return {task: t.metadata() for task, t in self.teachers.items()}
+
+    def label(self, job: ShardJob) -> dict:
+        """:func:`label_shard`; an exception becomes ``{"index", "error"}`` so the driver knows the shard."""
+        try:
+            return label_shard(job, self.teachers)
+        except Exception as e:  # noqa: BLE001
+            return {"index": job.index, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
