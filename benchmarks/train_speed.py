@@ -252,7 +252,8 @@ class EngineLoop(Variant):
         return time.perf_counter() - t0
 
 
-def make_config(args, root: str, out: str, stage: int, total_steps: int):
+def make_config(args, root: str, out: str, stage: int, total_steps: int, world: int = 1):
+    """The benchmark's ``PretrainConfig``: micro-batch ``args.batch`` per rank, global batch ``args.batch x world``."""
     from polymae.pipeline.pretrain import PretrainConfig
 
     cfg = PretrainConfig()
@@ -264,7 +265,8 @@ def make_config(args, root: str, out: str, stage: int, total_steps: int):
     cfg.model.preset = args.preset
     tokens = (args.img_size // 16) ** 2 * len(cfg.model.modalities)
     cfg.model.num_visible = args.num_visible or max(1, round(tokens * 98 / 588))  # MultiMAE's 1/6 at 224 px
-    cfg.train.micro_batch = cfg.train.global_batch = args.batch
+    cfg.train.micro_batch = args.batch
+    cfg.train.global_batch = args.batch * world
     cfg.train.zero_stage = stage
     cfg.train.precision = "fp32"
     cfg.train.steps = total_steps
