@@ -271,8 +271,30 @@ def make_config(args, root: str, out: str, stage: int, total_steps: int, world: 
     cfg.train.precision = "fp32"
     cfg.train.steps = total_steps
     cfg.train.save_interval = 10**9
+    cfg.train.keep_host_memory = getattr(args, "host_malloc", "keep") == "keep"
     cfg.validate()
     return cfg
+
+
+# ------------------------------------------------------------------------------------------ host allocator
+def add_host_malloc_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--host-malloc", choices=["keep", "default"], default="keep",
+                    help="keep: glibc keeps freed memory (train.keep_host_memory, the Trainer's default on CPU), set "
+                         "at the start so every variant, the plain loop included, runs with it; default: glibc's "
+                         "own mmap/trim behaviour for every variant (default keep)")
+
+
+def apply_host_malloc(args) -> None:
+    """Set the host allocator for the whole process before any variant runs (all variants share it)."""
+    from polymae.pipeline.distributed import keep_freed_host_memory
+
+    if args.host_malloc == "keep" and not keep_freed_host_memory():
+        raise SystemExit("--host-malloc keep needs glibc on Linux")
+
+
+def host_malloc_text(args) -> str:
+    return ("host malloc keeps freed memory (all variants)" if args.host_malloc == "keep"
+            else "glibc default malloc (all variants)")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -290,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="add bare DeepSpeed-engine loops (ZeRO-2, ZeRO-0) without the Trainer around them")
     ap.add_argument("--json", help="also write the raw timings here")
+    add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -298,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     from polymae.pipeline.distributed import init_deepspeed_distributed
 
     init_deepspeed_distributed()
+    apply_host_malloc(args)
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
@@ -338,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in variants[0].model.parameters())
     print(f"MultiMAE-{args.preset} ({n_params / 1e6:.2f} M params) at {args.img_size} px, {cfg.model.num_visible} of "
           f"{(args.img_size // 16) ** 2 * 3} tokens visible, micro-batch {args.batch}, world 1, fp32, CPU, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, {host_malloc_text(args)}")
     print(f"{args.repeats} interleaved rounds (order rotated each round) x {args.steps} timed steps per variant, "
           f"after {args.warmup} warm-up steps; images/s = steps x batch / window seconds")
     print()

@@ -43,7 +43,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_speed import TARGET, PolymaeTrainer, Variant, decode_pool, make_config, write_shards  # noqa: E402
+from train_speed import (TARGET, PolymaeTrainer, Variant, add_host_malloc_arg, apply_host_malloc,  # noqa: E402
+                         decode_pool, host_malloc_text, make_config, write_shards)
 
 
 class DDPLoop(Variant):
@@ -98,6 +99,7 @@ def worker(args) -> None:
     from polymae.pipeline.distributed import init_deepspeed_distributed
 
     init_deepspeed_distributed()
+    apply_host_malloc(args)
     import deepspeed
     import torch.distributed as dist
 
@@ -153,7 +155,8 @@ def report(args, variants, times, total, world, wall) -> None:
     n_params = sum(p.numel() for p in ref.module.parameters())
     print(f"MultiMAE-{args.preset} ({n_params / 1e6:.2f} M params) at {args.img_size} px, {cfg.model.num_visible} of "
           f"{(args.img_size // 16) ** 2 * 3} tokens visible, {world} ranks x micro-batch {args.batch} "
-          f"(global {world * args.batch}), fp32, CPU, gloo, {torch.get_num_threads()} torch thread(s) per rank")
+          f"(global {world * args.batch}), fp32, CPU, gloo, {torch.get_num_threads()} torch thread(s) per rank, "
+          f"{host_malloc_text(args)}")
     print(f"{args.repeats} interleaved rounds (order rotated each round) x {args.steps} timed steps per variant, "
           f"after {args.warmup} warm-up steps; global images/s = steps x batch x ranks / rank-0 window seconds")
     print()
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 0], choices=[0, 1, 2],
                     help="Trainer ZeRO stages to compare with DDP (default 2 0; add 1 for ZeRO-1)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks when launching itself (default 2)")
+    add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         worker(args)
