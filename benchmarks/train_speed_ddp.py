@@ -120,9 +120,15 @@ def worker(args) -> None:
         stages = [("z2", 2)] + [(f"z{s}", s) for s in args.stages if s != 2]
         cfgs = {k: make_config(args, root, os.path.join(tmp, k), stage, total, world)
                 for k, stage in [("ddp", 0)] + stages}
+        labels = {k: f"polymae Trainer ZeRO-{s}" for k, s in stages}
+        if args.ds_collectives:  # the same ZeRO-2 run with DeepSpeed's own gloo collectives
+            stages.append(("z2ds", 2))
+            cfgs["z2ds"] = make_config(args, root, os.path.join(tmp, "z2ds"), 2, total, world)
+            cfgs["z2ds"].train.gloo_bucketed_comm = False
+            labels["z2ds"] = "Trainer ZeRO-2, DS collectives"
         pool = decode_pool(cfgs["ddp"], args.pool * world)[rank::world]  # disjoint per rank, same for all variants
         variants: list[Variant] = [DDPLoop(cfgs["ddp"], pool, rank)]
-        variants += [PolymaeTrainer(cfgs[k], pool, f"polymae Trainer ZeRO-{s}") for k, s in stages]
+        variants += [PolymaeTrainer(cfgs[k], pool, labels[k]) for k, s in stages]
         for v in variants:
             dist.barrier()
             v.run(0, args.warmup)
@@ -191,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=4, help="distinct in-memory batches per rank (default 4)")
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 0], choices=[0, 1, 2],
                     help="Trainer ZeRO stages to compare with DDP (default 2 0; add 1 for ZeRO-1)")
+    ap.add_argument("--ds-collectives", action="store_true",
+                    help="add a ZeRO-2 variant with train.gloo_bucketed_comm=false (DeepSpeed's own reduce and "
+                         "all-gather messages on gloo) to measure polymae's bucketed ones against it")
     ap.add_argument("--nproc", type=int, default=2, help="ranks when launching itself (default 2)")
     add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
