@@ -98,9 +98,10 @@ def keep_freed_host_memory(trim_threshold: int = 2**31 - 1) -> bool:
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, int(trim_threshold)) == 1
 
 
-# Gloo moves one large message at a fraction of its bandwidth: on 2 CPU ranks one 60 MB all-gather took
-# ~207 ms where 8 chunks of 7.5 MB took ~90 ms, and an all-reduce of 119 MB ~100 ms where per-owner
-# reduces took 126-156 ms (benchmarks/RESULTS.md). 4e6 fp32 elements = 16 MB per all-gather bucket.
+# Gloo moves one large message at a fraction of its bandwidth: on 2 CPU ranks, for MultiMAE-small's 114 MiB of
+# fp32 parameters, DeepSpeed's one-message all-gather took 151-185 ms and the same bytes in these buckets 100-115 ms;
+# per-owner gradient reduces took 98-114 ms and one all-reduce 81-87 ms (benchmarks/gloo_collectives.py,
+# benchmarks/RESULTS.md). 4e6 fp32 elements = 16 MB per all-gather bucket.
 GLOO_ALLGATHER_BUCKET = 4_000_000
 
 
@@ -109,8 +110,8 @@ def set_bucketed_all_gather(enabled: bool) -> bool:
 
     After each optimizer step ZeRO-1/2 all-gathers every rank's partition of the updated parameters
     (ZeRO paper, Rajbhandari et al. 2020, sec. 5). With a ``torch.distributed.all_gather_into_tensor``
-    available DeepSpeed sends each parameter group as one message; gloo (CPU) is ~2x slower on such
-    multi-MB messages than on the same bytes in ``allgather_bucket_size`` chunks, which is the path DeepSpeed
+    available DeepSpeed sends each parameter group as one message; gloo (CPU) takes 1.3-1.7x as long for such
+    multi-MB messages as for the same bytes in ``allgather_bucket_size`` chunks, which is the path DeepSpeed
     takes (``deepspeed.runtime.utils.all_gather_dp_groups``) when its comm backend reports no
     ``all_gather_into_tensor``. ``enabled=True`` makes the backend report none (its ``all_gather_function``
     is set to ``None``); ``False`` restores the function. Process-wide: it affects every DeepSpeed engine

@@ -133,7 +133,7 @@ class TrainConfig:
                                     "(ZeRO-2 step 229 -> 164 ms on MultiMAE-tiny); RSS stays at its peak")
     gloo_bucketed_comm: bool = field_(True, help="CPU (gloo) ZeRO-1/2: all-reduce gradient buckets instead of "
                                       "per-owner reduces (reduce_scatter=false) and all-gather updated parameters "
-                                      "in 16 MB buckets; gloo is ~2x slower on single multi-MB messages")
+                                      "in 16 MB buckets; gloo is 1.3-1.7x slower on single multi-MB messages")
 
     def validate(self) -> None:
         ws = world_size()
