@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch import relaunch  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -118,12 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         worker(args)
         return
-    from polymae.pipeline.distributed import free_port
-
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.nproc}",
-           f"--master_port={free_port()}", os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])]
-    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+    raise SystemExit(relaunch(__file__, args.nproc, argv))
 
 
 if __name__ == "__main__":

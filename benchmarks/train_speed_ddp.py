@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch import relaunch  # noqa: E402
 from train_speed import (TARGET, PolymaeTrainer, Variant, add_host_malloc_arg, apply_host_malloc,  # noqa: E402
                          decode_pool, host_malloc_text, make_config, write_shards)
 
@@ -207,15 +207,10 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
 
-    from polymae.pipeline.distributed import free_port
-
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.nproc}",
-           f"--master_port={free_port()}", os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env)
+    rc = relaunch(__file__, args.nproc, argv)
     print(f"end to end (torchrun launch included) {time.perf_counter() - t0:.0f} s")
-    raise SystemExit(r.returncode)
+    raise SystemExit(rc)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ from importlib.metadata import version
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch import cpu_env, torchrun_cmd  # noqa: E402
+
 STAGES = (0, 1, 2, 3)
 MiB = 2**20
 CATEGORIES = ("params", "grads", "fp32 master", "Adam m+v", "other", "buckets")
@@ -363,10 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
 
-    from polymae.pipeline.distributed import free_port
-
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
+    env = cpu_env(MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
     shared = ["--preset", args.preset, "--img-size", str(args.img_size), "--batch", str(args.batch),
               "--num-visible", str(args.num_visible), "--classes", str(args.classes)] + (["--list"] if args.list else [])
     t0 = time.perf_counter()
@@ -374,9 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:  # one torchrun per stage: fresh processes, so RSS readings are per stage
             out = os.path.join(tmp, f"stage{stage}.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.nproc}",
-                   f"--master_port={free_port()}", os.path.abspath(__file__), "--worker", "--out", out,
-                   "--stages", str(stage), *shared]
+            cmd = torchrun_cmd(__file__, args.nproc, ["--worker", "--out", out, "--stages", str(stage), *shared])
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0 or not os.path.exists(out):
                 sys.stderr.write(r.stdout[-4000:] + r.stderr[-8000:])
