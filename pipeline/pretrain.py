@@ -249,7 +249,7 @@ def register_zero3_external_params(model: torch.nn.Module) -> int:
 def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = False) -> dict:
     """The DeepSpeed JSON config for this run (ZeRO stage, batch sizes, clipping, precision).
 
-    ``gloo``: the process group is gloo (CPU); with ``train.gloo_bucketed_comm`` ZeRO-1/2 then all-reduce
+    ``gloo``: the process group is gloo (CPU); with ``train.gloo_bucketed_comm`` and 2+ ranks ZeRO-1/2 all-reduce
     gradient buckets (``reduce_scatter: false``) and all-gather parameters in ``GLOO_ALLGATHER_BUCKET``-element
     buckets (see ``polymae.pipeline.distributed.set_bucketed_all_gather``)."""
     from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET
@@ -259,7 +259,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
     if cfg.train.zero_stage >= 1:  # DeepSpeed's default 5e8-element bucket is 1.9 GiB in fp32
         zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7), overlap_comm=False,
                     contiguous_gradients=True)
-    if cfg.train.zero_stage in (1, 2) and gloo and cfg.train.gloo_bucketed_comm:
+    if cfg.train.zero_stage in (1, 2) and gloo and world > 1 and cfg.train.gloo_bucketed_comm:
         zero.update(reduce_scatter=False, allgather_bucket_size=GLOO_ALLGATHER_BUCKET)
     if cfg.train.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=int(5e7), stage3_param_persistence_threshold=int(1e4),

@@ -104,3 +104,24 @@ def test_paper_recipes_load(name):
         assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss and cfg.optim.base_lr == 1.5e-4
     else:
         assert cfg.model.num_visible == 98 and cfg.optim.base_lr == 1e-4
+
+
+@pytest.mark.parametrize("stage,world,gloo,enabled,expect", [
+    (2, 2, True, True, True), (1, 4, True, True, True),   # CPU ranks: bucketed gloo messages
+    (2, 1, True, True, False),                            # one rank: nothing to communicate
+    (2, 2, False, True, False),                           # NCCL: DeepSpeed's own defaults
+    (2, 2, True, False, False), (3, 2, True, True, False), (0, 2, True, True, False)])
+def test_deepspeed_config_gloo_buckets(stage, world, gloo, enabled, expect):
+    from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET
+    from polymae.pipeline.pretrain import deepspeed_config
+
+    cfg = PretrainConfig()
+    cfg.train.zero_stage, cfg.train.gloo_bucketed_comm = stage, enabled
+    cfg.train.micro_batch, cfg.train.global_batch = 2, 2 * world
+    zero = deepspeed_config(cfg, world, bf16=False, gloo=gloo)["zero_optimization"]
+    assert zero["stage"] == stage
+    if expect:
+        assert zero["reduce_scatter"] is False and zero["allgather_bucket_size"] == GLOO_ALLGATHER_BUCKET
+    else:
+        assert "reduce_scatter" not in zero
+        assert zero.get("allgather_bucket_size", int(5e7)) == int(5e7)
