@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from polymae.pipeline.config import ConfigError, field_, save_config, to_dict
-from polymae.pipeline.distributed import world_size
+from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET, world_size
 
 log = logging.getLogger(__name__)
 
@@ -246,20 +246,24 @@ def register_zero3_external_params(model: torch.nn.Module) -> int:
     return n
 
 
+def bucketed_gloo_comm(cfg: PretrainConfig, world: int, gloo: bool) -> bool:
+    """Whether this run uses polymae's gloo message sizes (``train.gloo_bucketed_comm``): ZeRO-1/2 on a gloo
+    process group of 2+ ranks; ZeRO-0/3, NCCL and a single rank keep DeepSpeed's own."""
+    return cfg.train.gloo_bucketed_comm and cfg.train.zero_stage in (1, 2) and gloo and world > 1
+
+
 def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = False) -> dict:
     """The DeepSpeed JSON config for this run (ZeRO stage, batch sizes, clipping, precision).
 
     ``gloo``: the process group is gloo (CPU); with ``train.gloo_bucketed_comm`` and 2+ ranks ZeRO-1/2 all-reduce
     gradient buckets (``reduce_scatter: false``) and all-gather parameters in ``GLOO_ALLGATHER_BUCKET``-element
     buckets (see ``polymae.pipeline.distributed.set_bucketed_all_gather``)."""
-    from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET
-
     ga = cfg.train.global_batch // (cfg.train.micro_batch * world)
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 1:  # DeepSpeed's default 5e8-element bucket is 1.9 GiB in fp32
         zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7), overlap_comm=False,
                     contiguous_gradients=True)
-    if cfg.train.zero_stage in (1, 2) and gloo and world > 1 and cfg.train.gloo_bucketed_comm:
+    if bucketed_gloo_comm(cfg, world, gloo):
         zero.update(reduce_scatter=False, allgather_bucket_size=GLOO_ALLGATHER_BUCKET)
     if cfg.train.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=int(5e7), stage3_param_persistence_threshold=int(1e4),
@@ -409,8 +413,8 @@ class Trainer:
         """Process-wide comm choices of this run (set per ``train()``: several Trainers may share a process)."""
         from polymae.pipeline.distributed import set_bucketed_all_gather, use_cuda
 
-        if self.world > 1 and not use_cuda():
-            set_bucketed_all_gather(self.cfg.train.gloo_bucketed_comm and self.cfg.train.zero_stage in (1, 2))
+        if self.world > 1 and not use_cuda():  # on gloo: set either way, undoing another Trainer's choice
+            set_bucketed_all_gather(bucketed_gloo_comm(self.cfg, self.world, gloo=True))
 
     # -- one step -------------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict:
