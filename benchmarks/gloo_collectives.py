@@ -54,7 +54,7 @@ def worker(args) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.utils import all_gather_dp_groups
 
-    from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET, init_deepspeed_distributed, set_bucketed_all_gather
+    from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET, init_deepspeed_distributed, set_bucketed_all_gather
 
     init_deepspeed_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -75,7 +75,7 @@ def plain_loop(paths: list[Path], out: Path, cfg) -> dict:
     import torch
 
     from polymae.datasets import shards as S
-    from polymae.pipeline.teachers import load_teacher
+    from polymae.pipeline.label.teachers import load_teacher
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def ray_run(src: Path, out: Path, cfg, workers: int) -> dict:
     """``run_label`` with ``workers`` actors of 1 CPU on the running (embedded) Ray; returns timings."""
     from dataclasses import replace
 
-    from polymae.pipeline.labeling import run_label
+    from polymae.pipeline.label.driver import run_label
 
     with contextlib.redirect_stdout(io.StringIO()):  # run_label's own summary table
         summary = run_label(replace(cfg, input=str(src), output=str(out), num_workers=workers, mode="overwrite"))
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from polymae.pipeline.labeling import EMBEDDED_OBJECT_STORE_BYTES, LabelConfig
+    from polymae.pipeline.label.driver import EMBEDDED_OBJECT_STORE_BYTES, LabelConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="label_throughput-"))
     src = work / "images"

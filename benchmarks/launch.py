@@ -9,7 +9,7 @@ import sys
 
 def torchrun_cmd(script: str, nproc: int, args: list[str]) -> list[str]:
     """``python -m torch.distributed.run`` of ``script`` with ``nproc`` ranks on one node, a free port, ``args``."""
-    from polymae.pipeline.distributed import free_port
+    from polymae.pipeline.train.distributed import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}", os.path.abspath(script), *args]

@@ -6,7 +6,7 @@ in one process, so the variants share the machine's conditions:
 * ``plain``: the model built as the Trainer builds it (same seed, ``create_model`` +
   ``model_kwargs``), ``make_optimizer(model, cfg)`` (fused AdamW on ``param_groups``), and per step: set the lr from
   ``lr_at``, forward, ``loss.backward(); opt.step(); opt.zero_grad()``, ``loss.item()``.
-* ``polymae ZeRO-2`` / ``polymae ZeRO-0``: ``polymae.pipeline.pretrain.Trainer.train()`` itself, with
+* ``polymae ZeRO-2`` / ``polymae ZeRO-0``: ``polymae.pipeline.train.trainer.Trainer.train()`` itself, with
   its DeepSpeed engine, per-step loss all-reduce, metrics.jsonl and TensorBoard logging. Two
   benchmark-only changes, made in a subclass: its loader is replaced by the same in-memory batches the
   plain loop gets, and ``_save`` is a no-op (checkpoint I/O is not training speed). To run the steps in
@@ -62,7 +62,7 @@ def write_shards(root: str, n: int, size: int, per_shard: int = 16, seed: int = 
     from PIL import Image
 
     from polymae.datasets import shards
-    from polymae.pipeline import storage
+    from polymae.datasets import storage
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -83,10 +83,10 @@ def write_shards(root: str, n: int, size: int, per_shard: int = 16, seed: int = 
                     key=f"s{idx:03d}x{j:03d}", rgb_jpeg=buf.getvalue(), depth=(1.0 + yy * 4.0 + 0.1 * lum),
                     semseg=np.minimum(lum * NUM_CLASSES, NUM_CLASSES - 1).astype(np.int64),
                     num_classes=NUM_CLASSES, meta={"source": "synthetic"}))
-        shards.write_json_atomic(shards.stats_url(root, "train", idx), {"samples_in": count, "written": count})
+        storage.write_json_atomic(shards.stats_url(root, "train", idx), {"samples_in": count, "written": count})
         digest, nbytes = storage.sha256_of(url)
         entries.append({"index": idx, "samples": count, "size": nbytes, "sha256": digest})
-    shards.write_json_atomic(shards.manifest_url(root, "train"), {
+    storage.write_json_atomic(shards.manifest_url(root, "train"), {
         "schema_version": shards.SCHEMA_VERSION, "shards": entries,
         "teachers": {"semseg": {"num_classes": NUM_CLASSES, "label_set": "synthetic-8"}}})
 
@@ -121,7 +121,7 @@ class PlainLoop(Variant):
 
     def __init__(self, cfg, pool: list[dict]):
         from polymae.models.multimae import create_model
-        from polymae.pipeline.pretrain import lr_at, make_optimizer, model_kwargs, shard_label_info
+        from polymae.pipeline.train.trainer import lr_at, make_optimizer, model_kwargs, shard_label_info
 
         self.name = "plain PyTorch (AdamW)"
         self.cfg, self.pool, self.lr_at = cfg, pool, lr_at
@@ -133,7 +133,7 @@ class PlainLoop(Variant):
         self.losses = {}
 
     def run(self, first_step: int, n_steps: int) -> float:
-        from polymae.pipeline.pretrain import Trainer
+        from polymae.pipeline.train.trainer import Trainer
 
         cfg, m = self.cfg, self.cfg.model
         ident = SimpleNamespace(cfg=cfg, rank=0)
@@ -172,7 +172,7 @@ class _Window:
 
 
 def _bench_trainer_class():
-    from polymae.pipeline.pretrain import Trainer
+    from polymae.pipeline.train.trainer import Trainer
 
     class BenchTrainer(Trainer):
         """``Trainer`` with an injectable loader, resumable windows and no checkpoint writes."""
@@ -212,7 +212,7 @@ class PolymaeTrainer(Variant):
         return next(self._stream_it)
 
     def run(self, first_step: int, n_steps: int) -> float:
-        from polymae.pipeline.pretrain import summary_from_metrics
+        from polymae.pipeline.train.trainer import summary_from_metrics
 
         tr = self.trainer
         tr.window = _Window(tr, self._batch, first_step, n_steps)
@@ -229,7 +229,7 @@ class EngineLoop(Variant):
     ``engine.backward``, ``engine.step``, ``loss.item()``; separates DeepSpeed's cost from the Trainer's."""
 
     def __init__(self, cfg, pool: list[dict], label: str):
-        from polymae.pipeline.pretrain import lr_at
+        from polymae.pipeline.train.trainer import lr_at
 
         self.name, self.cfg, self.pool, self.lr_at = label, cfg, pool, lr_at
         self.trainer = _bench_trainer_class()(cfg)
@@ -254,7 +254,7 @@ class EngineLoop(Variant):
 
 def make_config(args, root: str, out: str, stage: int, total_steps: int, world: int = 1):
     """The benchmark's ``PretrainConfig``: micro-batch ``args.batch`` per rank, global batch ``args.batch x world``."""
-    from polymae.pipeline.pretrain import PretrainConfig
+    from polymae.pipeline.train.trainer import PretrainConfig
 
     cfg = PretrainConfig()
     cfg.output = out
@@ -286,7 +286,7 @@ def add_host_malloc_arg(ap: argparse.ArgumentParser) -> None:
 
 def apply_host_malloc(args) -> None:
     """Set the host allocator for the whole process before any variant runs (all variants share it)."""
-    from polymae.pipeline.distributed import keep_freed_host_memory
+    from polymae.pipeline.train.distributed import keep_freed_host_memory
 
     if args.host_malloc == "keep" and not keep_freed_host_memory():
         raise SystemExit("--host-malloc keep needs glibc on Linux")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
-    from polymae.pipeline.distributed import init_deepspeed_distributed
+    from polymae.pipeline.train.distributed import init_deepspeed_distributed
 
     init_deepspeed_distributed()
     apply_host_malloc(args)

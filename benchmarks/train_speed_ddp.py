@@ -54,7 +54,7 @@ class DDPLoop(Variant):
         from torch.nn.parallel import DistributedDataParallel
 
         from polymae.models.multimae import create_model
-        from polymae.pipeline.pretrain import lr_at, make_optimizer, model_kwargs, shard_label_info
+        from polymae.pipeline.train.trainer import lr_at, make_optimizer, model_kwargs, shard_label_info
 
         self.name = "plain PyTorch DDP (AdamW)"
         self.cfg, self.pool, self.lr_at, self.rank = cfg, pool, lr_at, rank
@@ -69,7 +69,7 @@ class DDPLoop(Variant):
     def run(self, first_step: int, n_steps: int) -> float:
         import torch.distributed as dist
 
-        from polymae.pipeline.pretrain import Trainer
+        from polymae.pipeline.train.trainer import Trainer
 
         cfg, m = self.cfg, self.cfg.model
         ident = SimpleNamespace(cfg=cfg, rank=self.rank)
@@ -96,7 +96,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
-    from polymae.pipeline.distributed import init_deepspeed_distributed
+    from polymae.pipeline.train.distributed import init_deepspeed_distributed
 
     init_deepspeed_distributed()
     apply_host_malloc(args)

@@ -5,7 +5,7 @@ itself under ``torchrun`` with 2 processes (``--worker``; fresh processes per st
 are per stage); rank 0 gathers both ranks' results into a JSON file and the driver prints one table.
 Sizes are counted in bytes and printed in MiB (2**20 bytes).
 
-What is built is what ``polymae.pipeline.pretrain.Trainer`` builds: ``create_model`` with
+What is built is what ``polymae.pipeline.train.trainer.Trainer`` builds: ``create_model`` with
 ``model_kwargs(cfg, ...)``, ``torch.optim.AdamW(param_groups(model, wd))`` as the client optimizer,
 ``deepspeed_config(cfg, world, bf16=False)`` (its ZeRO buckets included) and, for stage 3,
 ``register_zero3_external_params``. Only the data is synthetic (random tensors of the right shapes).
@@ -186,7 +186,7 @@ def build_engine(args, stage: int, world: int):
 
     from polymae.datasets.shards import semseg_ignore_value
     from polymae.models.multimae import create_model
-    from polymae.pipeline.pretrain import (PretrainConfig, deepspeed_config, lr_at, model_kwargs, param_groups,
+    from polymae.pipeline.train.trainer import (PretrainConfig, deepspeed_config, lr_at, model_kwargs, param_groups,
                                            register_zero3_external_params)
 
     cfg = PretrainConfig()
@@ -252,7 +252,7 @@ def worker(args) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from polymae.pipeline.distributed import init_deepspeed_distributed
+    from polymae.pipeline.train.distributed import init_deepspeed_distributed
 
     init_deepspeed_distributed()
     import deepspeed

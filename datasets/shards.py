@@ -1,6 +1,6 @@
 """The polymae shard format: the one place that owns member names, encodings and file layout.
 
-Layout (DESIGN.md, "Shard format")::
+Layout (docs/ARCHITECTURE.md, "Shard format")::
 
     {root}/{split}/{split}-{index:06d}.tar          WebDataset tar, one sample per __key__
     {root}/{split}/{split}-{index:06d}.stats.json   written after the tar is in place: the done marker
@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from polymae.datasets.atomic import CommitOnExit
+from polymae.datasets.storage import CommitOnExit
 
 SCHEMA_VERSION = 1
 DEFAULT_SAMPLES_PER_SHARD = 2000
@@ -339,7 +339,7 @@ class ShardTarWriter(CommitOnExit):
     def __init__(self, url: str):
         import webdataset as wds
 
-        from polymae.datasets.atomic import AtomicWriter
+        from polymae.datasets.storage import AtomicWriter
 
         self.url = url
         self._sink = AtomicWriter(url)
@@ -373,21 +373,6 @@ class ShardTarWriter(CommitOnExit):
         self._sink.abort()
 
 
-def write_json_atomic(url: str, obj: Any) -> None:
-    """Pretty, key-sorted JSON written atomically to ``url`` (any fsspec URL)."""
-    from polymae.datasets.atomic import write_bytes_atomic
-
-    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(url: str) -> Any:
-    """Parsed JSON at ``url`` (any fsspec URL)."""
-    import fsspec
-
-    with fsspec.open(url, "r") as fh:
-        return json.load(fh)
-
-
 # --------------------------------------------------------------------------------------- reader
 def register_fsspec_gopen() -> None:
     """Let webdataset open ``s3://``/``gs://``/... URLs through fsspec (webdataset has no such handler)."""
@@ -412,6 +397,8 @@ def done_shards(root: str, split: str) -> dict[int, dict]:
     """
     from fsspec.core import url_to_fs
 
+    from polymae.datasets.storage import full_url, read_json
+
     out: dict[int, dict] = {}
     murl = manifest_url(root, split)
     fs, mpath = url_to_fs(murl)
@@ -421,9 +408,8 @@ def done_shards(root: str, split: str) -> dict[int, dict]:
     d = split_dir(root, split)
     fs, dpath = url_to_fs(d)
     if fs.exists(dpath):
-        proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
         for path in sorted(fs.ls(dpath, detail=False)):
-            url = path if proto in ("file", "local") else f"{proto}://{path}"
+            url = full_url(fs, path)
             m = re.search(r"-(\d{6})\.stats\.json$", url)
             if m and int(m.group(1)) not in out:
                 out[int(m.group(1))] = read_json(url)

@@ -37,6 +37,8 @@ from urllib.parse import parse_qs, quote, unquote
 import fsspec
 from fsspec.core import url_to_fs
 
+from polymae.datasets.storage import full_url
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm", ".pnm")
 # Preference order of the image member in a WebDataset sample (the first present wins).
@@ -129,15 +131,6 @@ def _check_unique(entries: Iterable[SourceEntry], url: str) -> list[SourceEntry]
 
 
 # ------------------------------------------------------------------------------------------ urls
-def _proto(fs) -> str:
-    return fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-
-
-def _full_url(fs, path: str) -> str:
-    proto = _proto(fs)
-    return path if proto in ("file", "local") else f"{proto}://{path}"
-
-
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -160,7 +153,7 @@ def _list_dir(url: str) -> tuple[object, str, list[str]]:
 
 
 def _folder_entries(url: str, fs, root: str, files: list[str]) -> list[SourceEntry]:
-    return [SourceEntry(make_key(_relative(p, root)), _full_url(fs, p), None) for p in files if _is_image(p)]
+    return [SourceEntry(make_key(_relative(p, root)), full_url(fs, p), None) for p in files if _is_image(p)]
 
 
 def _imagefolder(url: str, fs, root: str, files: list[str]) -> Source:
@@ -178,14 +171,14 @@ def _imagefolder(url: str, fs, root: str, files: list[str]) -> Source:
         rel = _relative(p, root)
         if "/" not in rel:
             raise SourceError(f"imagefolder source {url} has an image outside a class folder: {rel}")
-        entries.append(SourceEntry(make_key(rel), _full_url(fs, p), index[rel.split("/", 1)[0]]))
+        entries.append(SourceEntry(make_key(rel), full_url(fs, p), index[rel.split("/", 1)[0]]))
     return Source(url, "imagefolder", _check_unique(entries, url), classes)
 
 
 def _resolve(uri: str, base_fs, base_dir: str) -> str:
     if "://" in uri or uri.startswith("/"):
         return uri
-    return _full_url(base_fs, posixpath.normpath(posixpath.join(base_dir, uri)))
+    return full_url(base_fs, posixpath.normpath(posixpath.join(base_dir, uri)))
 
 
 def _key_for_uri(uri: str, base_dir: str) -> str:
@@ -288,7 +281,7 @@ def _tars(url: str) -> Source:
     else:
         fs, path = url_to_fs(url)
         if fs.isdir(path):
-            urls = [_full_url(fs, p) for p in sorted(fs.find(path)) if p.endswith(".tar")
+            urls = [full_url(fs, p) for p in sorted(fs.find(path)) if p.endswith(".tar")
                     and not posixpath.basename(p).startswith(".")]
         else:
             urls = [url]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from polymae.jobs.common import run_job
-from polymae.pipeline.evaluate import EvaluateConfig, evaluate
+from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Examples::
     python -m polymae.jobs.label --config jobs/configs/label_imagenet.yaml --address auto --extend
     ray job submit -- python -m polymae.jobs.label input=s3://bucket/imagenet/train output=s3://bucket/shards
 
-See ``pipeline/labeling.py`` for the flow and ``datasets/shards.py`` for the output format.
+See ``pipeline/label/driver.py`` for the flow and ``datasets/shards.py`` for the output format.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 from typing import Sequence
 
 from polymae.jobs.common import run_job
-from polymae.pipeline.labeling import LabelConfig, run_label
+from polymae.pipeline.label.driver import LabelConfig, run_label
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

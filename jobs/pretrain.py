@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from polymae.jobs.common import run_job
-from polymae.pipeline.pretrain import PretrainConfig, Trainer
+from polymae.pipeline.train.trainer import PretrainConfig, Trainer
 
 DOC = __doc__
 

@@ -101,10 +101,10 @@ def _pretrain_config(cfg: QuickstartConfig, shards: str, run: str) -> dict:
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """Run all four stages; returns a summary dict (paths, counts, losses, metrics, seconds per stage)."""
-    from polymae.pipeline.evaluate import EvaluateConfig, evaluate
-    from polymae.pipeline.labeling import LabelConfig, run_label
+    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.label.driver import LabelConfig, run_label
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.pretrain import summary_from_metrics
+    from polymae.pipeline.train.trainer import summary_from_metrics
     from polymae.pipeline.publish import PublishConfig, publish
 
     t_all = time.perf_counter()
@@ -138,7 +138,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         yaml.safe_dump(_pretrain_config(cfg, shards_root, run_dir), fh, sort_keys=False)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.ranks))))
-    from polymae.pipeline.distributed import free_port
+    from polymae.pipeline.train.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={cfg.ranks}",
            f"--master_port={free_port()}", "-m", "polymae.jobs.pretrain", "--config", pcfg_path]

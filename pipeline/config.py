@@ -225,7 +225,7 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, url: str) -> None:
     """Write the resolved, redacted config as YAML to ``url`` (any fsspec URL), atomically."""
-    from polymae.pipeline.storage import write_bytes_atomic
+    from polymae.datasets.storage import write_bytes_atomic
 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     write_bytes_atomic(url, text.encode())

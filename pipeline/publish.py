@@ -1,6 +1,6 @@
 """Publish a training run as a release: consolidated safetensors + configs + metrics + manifest.
 
-Files (DESIGN.md, "Checkpoints and publication"), written to any fsspec URL:
+Files (docs/ARCHITECTURE.md, "Run folder and release"), written to any fsspec URL:
 
 * ``model.safetensors`` — the full fp32 model (consolidated from the DeepSpeed ZeRO checkpoint);
 * ``encoder.safetensors`` — the encoder as a timm ``VisionTransformer`` state dict
@@ -59,9 +59,9 @@ def publish(cfg: PublishConfig) -> dict:
 
     from polymae.models.interop import encoder_to_timm
     from polymae.models.multimae import build_from_init_kwargs
-    from polymae.pipeline import storage
-    from polymae.pipeline.checkpoint import ENCODER_FILE, MODEL_CONFIG, MODEL_FILE, consolidate, read_model_config
-    from polymae.pipeline.pretrain import summary_from_metrics
+    from polymae.datasets import storage
+    from polymae.pipeline.train.checkpoint import ENCODER_FILE, MODEL_CONFIG, MODEL_FILE, consolidate, read_model_config
+    from polymae.pipeline.train.trainer import summary_from_metrics
 
     sd, tag = consolidate(cfg.checkpoint, cfg.tag or None)
     mc = read_model_config(cfg.checkpoint)
@@ -109,7 +109,7 @@ def publish(cfg: PublishConfig) -> dict:
         "source": {"tag": tag, "run": os.path.basename(os.path.abspath(cfg.checkpoint))},
         "files": files,
     }
-    from polymae.datasets.shards import write_json_atomic
+    from polymae.datasets.storage import write_json_atomic
 
     write_json_atomic(f"{dest}/manifest.json", manifest)
     log.info("published %s (%s) to %s", mc["name"], tag, redact(dest))
@@ -118,8 +118,8 @@ def publish(cfg: PublishConfig) -> dict:
 
 def verify_release(dest: str) -> list[str]:
     """Problems with a release (missing manifest, size or sha256 mismatch); empty when intact."""
-    from polymae.datasets.shards import read_json
-    from polymae.pipeline import storage
+    from polymae.datasets.storage import read_json
+    from polymae.datasets import storage
 
     murl = f"{dest.rstrip('/')}/manifest.json"
     if not storage.exists(murl):

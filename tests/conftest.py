@@ -3,7 +3,7 @@
 * ``photos_dir`` (session): the photographs that scikit-image ships, written as JPEG/PNG into a folder.
 * ``skimage_photo`` / ``photo_writer`` (session): the helpers behind ``photos_dir`` as functions.
 * ``ray_local`` (session): an embedded local Ray (2 CPUs, no dashboard) with the environment that Ray
-  needs on the reference machine (see /work/shared/INFRA_NOTES.md); shut down at the end.
+  needs on the reference machine (``RAY_TEST_ENV``); shut down at the end.
 
 Fixtures here are self-contained; add new ones below without changing these.
 """

@@ -45,7 +45,7 @@ def test_shards_hold_every_source_image(quickstart):
 
 def test_loss_falls(quickstart):
     work, _ = quickstart
-    from polymae.pipeline.pretrain import summary_from_metrics
+    from polymae.pipeline.train.trainer import summary_from_metrics
 
     rows = summary_from_metrics(str(work / "runs" / "multimae-quickstart"))
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 30
@@ -57,7 +57,7 @@ def test_checkpoint_and_release_load_the_same_weights(quickstart):
     work, _ = quickstart
     import torch
 
-    from polymae.pipeline.checkpoint import load_model
+    from polymae.pipeline.train.checkpoint import load_model
 
     run_model, _ = load_model(str(work / "runs" / "multimae-quickstart"))
     rel_model, mc = load_model(str(work / "store" / "multimae-quickstart"))

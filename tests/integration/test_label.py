@@ -16,7 +16,7 @@ from PIL import Image
 from polymae.datasets import shards as S
 from polymae.datasets.sources import make_key
 from polymae.pipeline.config import ConfigError, load_config
-from polymae.pipeline.labeling import LabelConfig, run_label
+from polymae.pipeline.label.driver import LabelConfig, run_label
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ import pytest
 
 from polymae.datasets import shards as S
 from polymae.datasets.sources import make_key
-from polymae.pipeline.labeling import LabelConfig, run_label
+from polymae.pipeline.label.driver import LabelConfig, run_label
 from proc_helpers import session_members
 
 pytestmark = pytest.mark.integration

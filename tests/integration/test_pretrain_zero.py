@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from polymae.pipeline.pretrain import summary_from_metrics
+from polymae.pipeline.train.trainer import summary_from_metrics
 
 from train_helpers import run_pretrain, torchrun_cmd, train_env, wait_for
 

@@ -25,7 +25,7 @@ def write_synthetic_shards(root: str, split: str = "train", per_shard: int = 3, 
     from PIL import Image
 
     from polymae.datasets import shards
-    from polymae.pipeline import storage
+    from polymae.datasets import storage
 
     samples = []
     for name in names:
@@ -47,10 +47,10 @@ def write_synthetic_shards(root: str, split: str = "train", per_shard: int = 3, 
             for s in samples[i:i + per_shard]:
                 w.write(s)
         n = len(samples[i:i + per_shard])
-        shards.write_json_atomic(shards.stats_url(root, split, idx), {"samples_in": n, "written": n})
+        storage.write_json_atomic(shards.stats_url(root, split, idx), {"samples_in": n, "written": n})
         digest, sz = storage.sha256_of(url)
         entries.append({"index": idx, "samples": n, "size": sz, "sha256": digest})
-    shards.write_json_atomic(shards.manifest_url(root, split), {
+    storage.write_json_atomic(shards.manifest_url(root, split), {
         "schema_version": shards.SCHEMA_VERSION, "shards": entries,
         "teachers": {"semseg": {"num_classes": 8, "label_set": "luminance-8"}}})
     return len(entries)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from polymae.pipeline.config import ConfigError, load_config, parse_overrides, redact, save_config
-from polymae.pipeline.pretrain import PretrainConfig
+from polymae.pipeline.train.trainer import PretrainConfig
 
 pytestmark = pytest.mark.unit
 
@@ -112,8 +112,8 @@ def test_paper_recipes_load(name):
     (2, 2, False, True, False),                           # NCCL: DeepSpeed's own defaults
     (2, 2, True, False, False), (3, 2, True, True, False), (0, 2, True, True, False)])
 def test_deepspeed_config_gloo_buckets(stage, world, gloo, enabled, expect):
-    from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET
-    from polymae.pipeline.pretrain import deepspeed_config
+    from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET
+    from polymae.pipeline.train.trainer import deepspeed_config
 
     cfg = PretrainConfig()
     cfg.train.zero_stage, cfg.train.gloo_bucketed_comm = stage, enabled

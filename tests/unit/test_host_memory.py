@@ -5,13 +5,15 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 # Allocate, touch and free a 64 MiB tensor (above glibc's mmap threshold) 16 times, as a training step does
 # with its flat buffers; print the minor page faults of the last 4 rounds (steady state: with the heap
 # kept, the first rounds still grow it while aligned blocks find their place). Run in a fresh interpreter so
 # the allocator setting starts from glibc's default.
 SNIPPET = """
 import resource, sys, torch
-from polymae.pipeline.distributed import keep_freed_host_memory
+from polymae.pipeline.train.distributed import keep_freed_host_memory
 ok = keep_freed_host_memory() if sys.argv[1] == "keep" else None
 for _ in range(12):
     x = torch.ones(16 * 2**20); del x

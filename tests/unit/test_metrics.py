@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polymae.pipeline.metrics import DepthMetrics, SegMetrics, align_scale_shift, topk_accuracy
+from polymae.pipeline.evaluate.metrics import DepthMetrics, SegMetrics, align_scale_shift, topk_accuracy
 
 pytestmark = pytest.mark.unit
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from polymae.datasets import shards as S
+from polymae.datasets import storage
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +99,7 @@ def test_abort_leaves_nothing(tmp_path, samples):
             w.write(samples[0])
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    S.write_json_atomic(str(tmp_path / "x.json"), {"a": 1})
+    storage.write_json_atomic(str(tmp_path / "x.json"), {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymae.pipeline import teachers as T
+from polymae.pipeline.label import teachers as T
 
 pytestmark = pytest.mark.unit
 

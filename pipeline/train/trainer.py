@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from polymae.pipeline.config import ConfigError, field_, save_config, to_dict
-from polymae.pipeline.distributed import GLOO_ALLGATHER_BUCKET, world_size
+from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET, world_size
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class DataConfig:
             raise ConfigError("hflip", f"must be in [0, 1], got {self.hflip}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", "must be >= 0")
-        from polymae.pipeline import storage
+        from polymae.datasets import storage
 
         if "://" not in self.shards and not storage.exists(self.shards):
             raise ConfigError("shards", f"input folder {self.shards!r} does not exist (run `polymae label` first)")
@@ -257,7 +257,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
 
     ``gloo``: the process group is gloo (CPU); with ``train.gloo_bucketed_comm`` and 2+ ranks ZeRO-1/2 all-reduce
     gradient buckets (``reduce_scatter: false``) and all-gather parameters in ``GLOO_ALLGATHER_BUCKET``-element
-    buckets (see ``polymae.pipeline.distributed.set_bucketed_all_gather``)."""
+    buckets (see ``polymae.pipeline.train.distributed.set_bucketed_all_gather``)."""
     ga = cfg.train.global_batch // (cfg.train.micro_batch * world)
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 1:  # DeepSpeed's default 5e8-element bucket is 1.9 GiB in fp32
@@ -301,10 +301,10 @@ def shard_label_info(root: str, split: str) -> tuple[int | None, int | None]:
     from polymae.datasets import shards
 
     murl = shards.manifest_url(root, split)
-    from polymae.pipeline import storage
+    from polymae.datasets import storage
 
     if storage.exists(murl):
-        man = shards.read_json(murl)
+        man = storage.read_json(murl)
         ls = man.get("teachers", {}).get("semseg") or {}
         if "num_classes" in ls:
             n = int(ls["num_classes"])
@@ -342,7 +342,7 @@ class Trainer:
         from polymae.datasets.loader import ShardStream, make_loader
         from polymae.datasets.transforms import MultiModalAugment
         from polymae.models.multimae import create_model
-        from polymae.pipeline.distributed import init_deepspeed_distributed, keep_freed_host_memory, use_cuda
+        from polymae.pipeline.train.distributed import init_deepspeed_distributed, keep_freed_host_memory, use_cuda
 
         cfg = self.cfg
         init_deepspeed_distributed()
@@ -388,7 +388,7 @@ class Trainer:
                 self.start_step = int(client["step"])
                 log.info("resumed from %s at step %d", path, self.start_step)
         if self.rank == 0:
-            from polymae.pipeline import storage
+            from polymae.datasets import storage
 
             storage.makedirs(cfg.output)
             save_config(cfg, f"{cfg.output.rstrip('/')}/config.yaml")
@@ -411,7 +411,7 @@ class Trainer:
 
     def _apply_comm_settings(self) -> None:
         """Process-wide comm choices of this run (set per ``train()``: several Trainers may share a process)."""
-        from polymae.pipeline.distributed import set_bucketed_all_gather, use_cuda
+        from polymae.pipeline.train.distributed import set_bucketed_all_gather, use_cuda
 
         if self.world > 1 and not use_cuda():  # on gloo: set either way, undoing another Trainer's choice
             set_bucketed_all_gather(bucketed_gloo_comm(self.cfg, self.world, gloo=True))

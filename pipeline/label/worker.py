@@ -2,7 +2,7 @@
 batches, and write the shard tar + its done marker (``label_shard``); ``LabelWorker`` is the Ray actor
 that holds the teachers (loaded once per worker) and labels the shards the driver sends it.
 
-The driver, the plan and the config are in ``pipeline/labeling.py``.
+The driver, the plan and the config are in ``pipeline/label/driver.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 import numpy as np
 from polymae.datasets import shards as S
+from polymae.datasets import storage
 from polymae.datasets.sources import SourceEntry, iter_bytes
 
 log = logging.getLogger("polymae.label")
@@ -298,7 +299,7 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         "host": socket.gethostname(), "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "samples": samples,
     }
-    S.write_json_atomic(job.stats_url, stats)
+    storage.write_json_atomic(job.stats_url, stats)
     return stats
 
 
@@ -367,7 +368,7 @@ class LabelWorker:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
 
-        from polymae.pipeline.teachers import load_teacher
+        from polymae.pipeline.label.teachers import load_teacher
 
         if nice is not None and os.getpriority(os.PRIO_PROCESS, 0) != nice:
             try:

@@ -563,9 +563,10 @@ def materialise(url: str, cache_dir: str | None = None) -> str:
     """
     from fsspec.core import url_to_fs
 
+    from polymae.datasets.storage import protocol
+
     fs, path = url_to_fs(url)
-    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    if proto in ("file", "local"):
+    if protocol(fs) in ("file", "local"):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"teacher folder {url} does not exist")
         return path

@@ -42,10 +42,10 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from polymae.datasets import shards as S
+from polymae.datasets import storage
 from polymae.datasets.sources import SourceEntry, open_source
-from polymae.pipeline import storage
 from polymae.pipeline.config import ConfigError, field_, save_config
-from polymae.pipeline.label_worker import LabelWorker, ShardJob, slot_task, teacher_brief, teacher_list, teacher_slot
+from polymae.pipeline.label.worker import LabelWorker, ShardJob, slot_task, teacher_brief, teacher_list, teacher_slot
 
 log = logging.getLogger("polymae.label")
 
@@ -100,7 +100,7 @@ class LabelConfig:
 
     def validate(self) -> None:
         """Check values; raises :class:`ConfigError` naming the key."""
-        from polymae.pipeline.teachers import names
+        from polymae.pipeline.label.teachers import names
 
         if not str(self.input).strip():
             raise ConfigError("input", "is required: a folder, .txt/.parquet list or .tar shards")
@@ -355,7 +355,7 @@ def _write_outputs(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teacher
         "urls": S.brace_pattern(cfg.output, cfg.split, sorted(stats)) if stats else None,
     }
     manifest_url = S.manifest_url(cfg.output, cfg.split)
-    S.write_json_atomic(manifest_url, manifest)
+    storage.write_json_atomic(manifest_url, manifest)
     return index_url, manifest_url
 
 
@@ -391,7 +391,7 @@ def _remove_stale_temporaries(split_url: str, split: str) -> list[str]:
     Returns:
         the removed paths.
     """
-    from polymae.datasets.atomic import is_local
+    from polymae.datasets.storage import is_local
 
     if not is_local(split_url) or not storage.exists(split_url):
         return []
@@ -526,7 +526,7 @@ def run_label(cfg: LabelConfig) -> dict:
     existing = _existing_stats(split_url, cfg.split)
     done_before = {i: existing[i] for i in by_shard if i in existing}
     pending = [i for i in by_shard if i not in done_before]
-    stats: dict[int, dict] = {i: S.read_json(u) for i, u in done_before.items()}
+    stats: dict[int, dict] = {i: storage.read_json(u) for i, u in done_before.items()}
     log.info("%s: %d images in %d shards; %d shards to label, %d already done", split_url, len(plan.keys),
              len(by_shard), len(pending), len(done_before))
 

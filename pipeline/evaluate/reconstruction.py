@@ -39,7 +39,7 @@ class EvaluateConfig:
     max_samples: int = field_(0, help="stop after this many samples (0 = all)")
 
     def validate(self) -> None:
-        from polymae.pipeline import storage
+        from polymae.datasets import storage
 
         if self.batch_size < 1:
             raise ConfigError("batch_size", "must be >= 1")
@@ -63,8 +63,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from polymae.datasets import shards
     from polymae.datasets.loader import ShardStream
     from polymae.datasets.transforms import MultiModalAugment
-    from polymae.pipeline.checkpoint import load_model
-    from polymae.pipeline.metrics import DepthMetrics, SegMetrics
+    from polymae.pipeline.train.checkpoint import load_model
+    from polymae.pipeline.evaluate.metrics import DepthMetrics, SegMetrics
 
     model, mc = load_model(cfg.checkpoint)
     pre = mc.get("pretrain", {})
@@ -114,10 +114,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if seg_m is not None and "rgb" in mods:
         results["rgb_to_semseg"] = seg_m.compute()
     out_dir = cfg.output or os.path.join(cfg.checkpoint, f"eval-{cfg.split}")
-    from polymae.pipeline import storage
+    from polymae.datasets import storage
 
     storage.makedirs(out_dir)
-    shards.write_json_atomic(f"{out_dir}/results.json", results)
+    storage.write_json_atomic(f"{out_dir}/results.json", results)
     storage.write_bytes_atomic(f"{out_dir}/results.md", results_markdown(results).encode())
     save_config(cfg, f"{out_dir}/config.yaml")
     print_results(results)

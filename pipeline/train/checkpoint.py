@@ -1,6 +1,6 @@
 """Checkpoints: find, consolidate and load them, without unpickling untrusted bytes.
 
-Two kinds exist (DESIGN.md, "Checkpoints and publication"):
+Two kinds exist (docs/ARCHITECTURE.md, "Run folder and release"):
 
 * a training run folder ``{run}/checkpoints/step-XXXXXXXX/`` written by DeepSpeed (for exact resume);
   it is this job's own state, read back with DeepSpeed's ZeRO consolidation
@@ -85,7 +85,7 @@ def load_model(source: str) -> tuple[torch.nn.Module, dict]:
     from safetensors.torch import load_file
 
     from polymae.models.multimae import build_from_init_kwargs
-    from polymae.pipeline import storage
+    from polymae.datasets import storage
 
     mc = read_model_config(source)
     model = build_from_init_kwargs(mc["init_kwargs"])
