@@ -7,7 +7,7 @@ size of MultiMAE-small) each rank owns ``1/world`` of, it times, with 1 torch th
 * the parameter all-gather after the optimizer step (ZeRO paper, Rajbhandari et al. 2020, sec. 5), as
   DeepSpeed's ``deepspeed.runtime.utils.all_gather_dp_groups`` does it: one ``all_gather_into_tensor`` per
   group (its path when torch has that function) vs its bucketed path with ``allgather_bucket_size`` =
-  polymae's ``GLOO_ALLGATHER_BUCKET`` (the path ``set_bucketed_all_gather(True)`` selects), the latter through
+  polymae's ``GLOO_ALLGATHER_BUCKET`` (the path ``polymae.patches.bucketed_all_gather(True)`` selects), the latter through
   DeepSpeed's own function;
 * the gradient reduction: ZeRO-2's per-owner ``reduce`` of each half (``reduce_scatter: true``, DeepSpeed's
   default) vs one ``all_reduce`` of the whole bucket (``reduce_scatter: false``, polymae's gloo default), and
@@ -54,7 +54,8 @@ def worker(args) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.utils import all_gather_dp_groups
 
-    from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET, init_deepspeed_distributed, set_bucketed_all_gather
+    from polymae.patches import bucketed_all_gather
+    from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET, init_deepspeed_distributed
 
     init_deepspeed_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,9 +66,9 @@ def worker(args) -> None:
 
     def gather(bucketed: bool):
         def fn():
-            set_bucketed_all_gather(bucketed)
-            all_gather_dp_groups(groups_flat=[flat], partitioned_param_groups=parts, dp_process_group=groups,
-                                 start_alignment_factor=2, allgather_bucket_size=GLOO_ALLGATHER_BUCKET)
+            with bucketed_all_gather(bucketed):
+                all_gather_dp_groups(groups_flat=[flat], partitioned_param_groups=parts, dp_process_group=groups,
+                                     start_alignment_factor=2, allgather_bucket_size=GLOO_ALLGATHER_BUCKET)
         return fn
 
     half = n // world
@@ -91,7 +92,6 @@ def worker(args) -> None:
         gather(bucketed)()
         results.append(flat.clone())
     same = bool(torch.equal(results[0], results[1]))
-    set_bucketed_all_gather(False)
     if rank == 0:
         print(f"{world} ranks, gloo, 1 torch thread per rank; flat fp32 group of {n / 1e6:.2f} M elements "
               f"({n * 4 / 2**20:.0f} MiB), {half / 1e6:.2f} M per rank; median of {args.repeats} calls")

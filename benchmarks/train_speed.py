@@ -286,9 +286,9 @@ def add_host_malloc_arg(ap: argparse.ArgumentParser) -> None:
 
 def apply_host_malloc(args) -> None:
     """Set the host allocator for the whole process before any variant runs (all variants share it)."""
-    from polymae.pipeline.train.distributed import keep_freed_host_memory
+    from polymae.patches import keep_freed_host_memory
 
-    if args.host_malloc == "keep" and not keep_freed_host_memory():
+    if args.host_malloc == "keep" and keep_freed_host_memory() is None:
         raise SystemExit("--host-malloc keep needs glibc on Linux")
 
 

@@ -375,19 +375,16 @@ class ShardTarWriter(CommitOnExit):
 
 # --------------------------------------------------------------------------------------- reader
 def register_fsspec_gopen() -> None:
-    """Let webdataset open ``s3://``/``gs://``/... URLs through fsspec (webdataset has no such handler)."""
-    import importlib
+    """Let webdataset open ``s3://``/``gcs://``/... URLs through fsspec (``polymae.patches.webdataset_fsspec_schemes``,
+    applied once per process and kept: every reader of the process needs it)."""
+    global _GOPEN_PATCH
+    if _GOPEN_PATCH is None or not _GOPEN_PATCH.active:
+        from polymae.patches import webdataset_fsspec_schemes
 
-    # `import webdataset.gopen as wg` yields the *function* webdataset.gopen (re-exported by the package)
-    wg = importlib.import_module("webdataset.gopen")
+        _GOPEN_PATCH = webdataset_fsspec_schemes()
 
-    def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
-        import fsspec
 
-        return fsspec.open(url, mode).open()
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory", "hf"):
-        wg.gopen_schemes.setdefault(scheme, _fsspec_open)
+_GOPEN_PATCH = None
 
 
 def done_shards(root: str, split: str) -> dict[int, dict]:

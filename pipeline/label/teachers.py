@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from polymae.patches import global_torch_seed, hf_config_extras, quiet_transformers
+
 log = logging.getLogger("polymae.teachers")
 
 DEPTH_KINDS = ("relative_inverse", "metric")
@@ -265,7 +267,7 @@ class Teacher:
 
     def save_pretrained(self, path: str) -> None:
         """Write the model and its image processor to the local folder ``path`` (``save_pretrained``)."""
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model.save_pretrained(path)
             if self.processor is not None and hasattr(self.processor, "save_pretrained"):
                 self.processor.save_pretrained(path)
@@ -457,7 +459,7 @@ def _tiny_oneformer(num_labels: int):
                           text_encoder_vocab_size=100, is_training=False, **_labels(num_labels))
     # stand-in ids for "<start> the task is semantic <end>" padded to task_seq_len (no tokenizer in tiny builds)
     ids = [49406, 518, 2008, 533, 10549, 49407]
-    cfg.polymae_task_token_ids = ids + [0] * (cfg.task_seq_len - len(ids))
+    hf_config_extras(cfg, polymae_task_token_ids=ids + [0] * (cfg.task_seq_len - len(ids)))
     return cfg, OneFormerImageProcessor()
 
 
@@ -598,23 +600,6 @@ def materialise(url: str, cache_dir: str | None = None) -> str:
     return dest
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' info logs and progress bars (weight loading/saving) inside the block."""
-    from transformers.utils import logging as tlog
-
-    verbosity = tlog.get_verbosity()
-    bars = tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if bars:
-            tlog.enable_progress_bar()
-
-
 def _make(spec: TeacherSpec, model, processor, **kw) -> Teacher:
     if spec.name == "oneformer":
         return OneFormerTeacher(spec, model, processor, **kw)
@@ -691,16 +676,15 @@ def build_tiny(name: str, seed: int = 0, *, num_labels: int = 150, short_side: i
     """
     spec = get_spec(name)
     cfg, processor = spec.tiny(num_labels)
-    cfg.polymae_random_init = True
+    hf_config_extras(cfg, polymae_random_init=True)
     if spec.task == "semseg":
-        cfg.polymae_label_set = f"random-{num_labels}"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        hf_config_extras(cfg, polymae_label_set=f"random-{num_labels}")
+    with global_torch_seed(seed):
         model = spec.model_cls()(cfg)
     model.eval()
     if spec.task == "depth":
-        model.config.polymae_output_calibration = calibrate_depth_output(
-            model, round_to_multiple(64, spec.multiple), seed)
+        hf_config_extras(model.config, polymae_output_calibration=calibrate_depth_output(
+            model, round_to_multiple(64, spec.multiple), seed))
     return _make(spec, model, processor, revision=state_dict_sha256(model), random_init=True,
                  source=f"tiny:seed={seed}", short_side=short_side, device=device, batch_size=batch_size)
 
@@ -732,7 +716,7 @@ def load_teacher(name: str, weights: str | None = None, *, seed: int = 0, short_
         raise ValueError(f"teacher {name!r} wants a {expected!r} checkpoint, {weights} holds {model_type!r}")
     pp_path = os.path.join(folder, "preprocessor_config.json")
     extra: dict[str, Any] = {}
-    with _quiet_transformers():
+    with quiet_transformers():
         model = spec.model_cls().from_pretrained(folder, local_files_only=True)
         if os.path.exists(pp_path) and spec.processor_keys is None:
             processor = spec.processor_cls().from_pretrained(folder, local_files_only=True)

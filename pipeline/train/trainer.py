@@ -257,7 +257,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
 
     ``gloo``: the process group is gloo (CPU); with ``train.gloo_bucketed_comm`` and 2+ ranks ZeRO-1/2 all-reduce
     gradient buckets (``reduce_scatter: false``) and all-gather parameters in ``GLOO_ALLGATHER_BUCKET``-element
-    buckets (see ``polymae.pipeline.train.distributed.set_bucketed_all_gather``)."""
+    buckets (see ``polymae.patches.bucketed_all_gather``)."""
     ga = cfg.train.global_batch // (cfg.train.micro_batch * world)
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 1:  # DeepSpeed's default 5e8-element bucket is 1.9 GiB in fp32
@@ -330,6 +330,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self._stop = False
+        self._patches: list = []  # polymae.patches handles, restored when train() returns
         self.flops_per_sample: float | None = None  # training FLOPs per sample, counted once (MFU)
         self.tokens_per_sample: int | None = None  # encoder tokens per sample (tokens/s)
 
@@ -342,12 +343,14 @@ class Trainer:
         from polymae.datasets.loader import ShardStream, make_loader
         from polymae.datasets.transforms import MultiModalAugment
         from polymae.models.multimae import create_model
-        from polymae.pipeline.train.distributed import init_deepspeed_distributed, keep_freed_host_memory, use_cuda
+        from polymae.patches import global_torch_seed, keep_freed_host_memory, skip_backward_allreduce
+        from polymae.pipeline.train.distributed import init_deepspeed_distributed, use_cuda
 
         cfg = self.cfg
         init_deepspeed_distributed()
         if cfg.train.keep_host_memory and not use_cuda():
-            log.info("host allocator keeps freed memory (train.keep_host_memory): %s", keep_freed_host_memory())
+            self._patches.append(keep_freed_host_memory())
+            log.info("host allocator keeps freed memory (train.keep_host_memory): %s", self._patches[-1] is not None)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if use_cuda() else torch.device("cpu")
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda())
@@ -359,7 +362,7 @@ class Trainer:
             n_cls, ignore = shard_label_info(cfg.data.shards, cfg.data.split)
             if n_cls is None:
                 raise ConfigError("model.modalities", f"semseg requested but shards under {cfg.data.shards} have none")
-        torch.manual_seed(cfg.train.seed)
+        self._patches.append(global_torch_seed(cfg.train.seed))
         name = f"{cfg.model.arch}_{cfg.model.preset}"
         kw = model_kwargs(cfg, n_cls, ignore)
         if cfg.train.zero_stage == 3 and cfg.train.zero_init:
@@ -377,7 +380,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
         if self.world == 1 and cfg.train.zero_stage == 0:
             # nothing to average over one rank: skip DeepSpeed's flatten + all-reduce + unflatten of every grad
-            self.engine.enable_backward_allreduce = False
+            self._patches.append(skip_backward_allreduce(self.engine))
         self.ckpt_dir = f"{cfg.output.rstrip('/')}/checkpoints"
         self.start_step = 0
         if cfg.resume:
@@ -411,10 +414,11 @@ class Trainer:
 
     def _apply_comm_settings(self) -> None:
         """Process-wide comm choices of this run (set per ``train()``: several Trainers may share a process)."""
-        from polymae.pipeline.train.distributed import set_bucketed_all_gather, use_cuda
+        from polymae.patches import bucketed_all_gather
+        from polymae.pipeline.train.distributed import use_cuda
 
         if self.world > 1 and not use_cuda():  # on gloo: set either way, undoing another Trainer's choice
-            set_bucketed_all_gather(bucketed_gloo_comm(self.cfg, self.world, gloo=True))
+            self._patches.append(bucketed_all_gather(bucketed_gloo_comm(self.cfg, self.world, gloo=True)))
 
     # -- one step -------------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> dict:
@@ -460,7 +464,9 @@ class Trainer:
         self._setup()
         cfg = self.cfg
         self._apply_comm_settings()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        from polymae.patches import signal_handlers
+
+        self._patches.append(signal_handlers(self._on_sigterm, (signal.SIGTERM,)))
         tb = None
         if self.rank == 0:
             try:
@@ -561,6 +567,10 @@ class Trainer:
             wandb_run.finish()
         if self.stream.skipped_corrupt:
             log.warning("skipped %d corrupt samples in the main process", self.stream.skipped_corrupt)
+        for p in reversed(self._patches):
+            if p is not None:
+                p.restore()
+        self._patches.clear()
         return last
 
 

@@ -1,4 +1,4 @@
-"""``set_bucketed_all_gather`` on 2 gloo ranks: ZeRO-1/2's parameter all-gather through DeepSpeed's bucketed
+"""``polymae.patches.bucketed_all_gather`` on 2 gloo ranks: ZeRO-1/2's parameter all-gather through DeepSpeed's bucketed
 path gathers the same bytes as its one-message path, and the switch is reversible."""
 
 import json
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 SNIPPET = """
 import json, torch, torch.distributed as dist
 from deepspeed.runtime.utils import all_gather_dp_groups
-from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET, init_deepspeed_distributed, set_bucketed_all_gather
+import deepspeed.comm.comm as dcomm
+from polymae.patches import bucketed_all_gather
+from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET, init_deepspeed_distributed
 init_deepspeed_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 sizes = [2 * 5_000_002, 2 * 1_000]
@@ -28,10 +30,12 @@ for mode in (True, False):
     for f, w in zip(flats, want):
         h = f.numel() // world
         f[rank * h:(rank + 1) * h] = w[rank * h:(rank + 1) * h]
-    has = set_bucketed_all_gather(mode)
-    all_gather_dp_groups(groups_flat=flats, partitioned_param_groups=parts, dp_process_group=[dist.group.WORLD] * 2,
-                         start_alignment_factor=2, allgather_bucket_size=GLOO_ALLGATHER_BUCKET)
-    out[str(mode)] = {"has_all_gather_into_tensor": has, "equal": [bool(torch.equal(f, w)) for f, w in zip(flats, want)]}
+    with bucketed_all_gather(mode):
+        has = dcomm.cdb.has_all_gather_into_tensor()
+        all_gather_dp_groups(groups_flat=flats, partitioned_param_groups=parts, dp_process_group=[dist.group.WORLD] * 2,
+                             start_alignment_factor=2, allgather_bucket_size=GLOO_ALLGATHER_BUCKET)
+    out[str(mode)] = {"has_all_gather_into_tensor": has, "equal": [bool(torch.equal(f, w)) for f, w in zip(flats, want)],
+                      "restored": dcomm.cdb.has_all_gather_into_tensor()}
 if rank == 0:
     print(json.dumps(out))
 """
@@ -45,5 +49,5 @@ def test_bucketed_all_gather_matches_one_message(tmp_path):
                        capture_output=True, text=True, env=train_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["True"] == {"has_all_gather_into_tensor": False, "equal": [True, True]}
-    assert out["False"] == {"has_all_gather_into_tensor": True, "equal": [True, True]}
+    assert out["True"] == {"has_all_gather_into_tensor": False, "equal": [True, True], "restored": True}
+    assert out["False"] == {"has_all_gather_into_tensor": True, "equal": [True, True], "restored": True}

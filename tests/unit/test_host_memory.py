@@ -1,4 +1,5 @@
-"""``keep_freed_host_memory``: a large block freed and allocated again must not be page-faulted anew."""
+"""``polymae.patches.keep_freed_host_memory``: a large block freed and allocated again must not be page-faulted
+anew; after ``restore()`` glibc maps and faults it again as by default."""
 
 import subprocess
 import sys
@@ -13,10 +14,15 @@ pytestmark = pytest.mark.unit
 # the allocator setting starts from glibc's default.
 SNIPPET = """
 import resource, sys, torch
-from polymae.pipeline.train.distributed import keep_freed_host_memory
-ok = keep_freed_host_memory() if sys.argv[1] == "keep" else None
+from polymae.patches import keep_freed_host_memory
+patch = keep_freed_host_memory() if sys.argv[1] in ("keep", "restored") else None
+ok = patch is not None
 for _ in range(12):
     x = torch.ones(16 * 2**20); del x
+if sys.argv[1] == "restored":
+    patch.restore()
+    for _ in range(2):
+        x = torch.ones(16 * 2**20); del x
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
     x = torch.ones(16 * 2**20)  # 16 Mi float32 = 64 MiB
@@ -39,3 +45,5 @@ def test_freed_blocks_are_reused_without_page_faults():
     pages = 4 * 64 * 2**20 // 4096  # 65,536 pages if every round maps fresh memory
     assert default > pages // 2, default  # glibc default: each 64 MiB block is mmap'ed and faulted again
     assert kept < pages // 50, kept  # kept: the same heap block is reused, already resident
+    ok, restored = _faults("restored")
+    assert ok == "True" and restored > pages // 2, restored  # restore(): glibc's defaults are back
