@@ -2,7 +2,9 @@
 
 Every job declares a dataclass whose fields (and nested dataclass fields) are the whole of what it
 takes. :func:`load_config` builds it from an optional YAML file plus ``a.b=value`` overrides, checks
-every key and type, then calls each dataclass's ``validate()``; any problem raises
+every key and type, then calls each dataclass's ``validate()`` (pure: it reads only the config, changes
+nothing and does no I/O) and then its ``preflight()`` (the checks that need the world: inputs exist,
+optional packages are installed, the launcher's world size fits the batch); any problem raises
 :class:`ConfigError` naming the dotted key *before* any work starts. :func:`save_config` writes the
 resolved config (with credentials stripped) beside a job's outputs.
 
@@ -163,30 +165,53 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def validate_tree(cfg: Any, prefix: str = "") -> None:
-    """Call ``validate()`` on ``cfg`` and every nested dataclass (children first)."""
+def _walk(cfg: Any, method: str, prefix: str = "") -> None:
+    """Call ``cfg.<method>()`` on ``cfg`` and every nested dataclass (children first), prefixing the key of a
+    child's :class:`ConfigError` with the child's dotted path."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            validate_tree(v, prefix=f"{prefix}{f.name}.")
-    if hasattr(cfg, "validate"):
+            _walk(v, method, prefix=f"{prefix}{f.name}.")
+    fn = getattr(cfg, method, None)
+    if fn is not None:
         try:
-            cfg.validate()
+            fn()
         except ConfigError as e:
             if prefix and not e.key.startswith(prefix):
                 raise ConfigError(prefix + e.key, str(e).split(": ", 1)[1]) from None
             raise
 
 
+def validate_tree(cfg: Any) -> None:
+    """Call the pure ``validate()`` of ``cfg`` and every nested dataclass (children first).
+
+    Raises:
+        ConfigError: naming the dotted key.
+    """
+    _walk(cfg, "validate")
+
+
+def preflight_tree(cfg: Any) -> None:
+    """Call ``preflight()`` (checks that read files, the environment or installed packages) of ``cfg`` and
+    every nested dataclass (children first), after :func:`validate_tree`.
+
+    Raises:
+        ConfigError: naming the dotted key.
+    """
+    _walk(cfg, "preflight")
+
+
 def load_config(cls: type[T], path: str | None = None, overrides: Iterable[str] = (),
-                base: dict | None = None) -> T:
-    """Build a job config from YAML + overrides and validate it.
+                base: dict | None = None, preflight: bool = True) -> T:
+    """Build a job config from YAML + overrides, validate it and (``preflight``) run its preflight checks.
 
     Args:
         cls: the job's dataclass.
         path: optional YAML file (local path or fsspec URL); its top level maps to ``cls`` fields.
         overrides: ``key=value`` strings; dotted keys reach nested sections; values parse as YAML.
         base: optional dict applied before the YAML (used by the quickstart to chain jobs).
+        preflight: also run :func:`preflight_tree` (False: only the pure checks, e.g. for a config meant
+            for another machine or world size).
     Raises:
         ConfigError: unknown key, wrong type, or a value that ``validate()`` rejects, naming the key.
     """
@@ -202,6 +227,8 @@ def load_config(cls: type[T], path: str | None = None, overrides: Iterable[str] 
     data = _merge(data, parse_overrides(overrides))
     cfg = _build(cls, data)
     validate_tree(cfg)
+    if preflight:
+        preflight_tree(cfg)
     return cfg
 
 

@@ -36,10 +36,14 @@ class PublishConfig:
     dest: str = field_("work/store/pretrain", help="release folder: local path, file:// or s3://bucket/prefix")
 
     def validate(self) -> None:
-        if not os.path.exists(os.path.join(self.checkpoint, "checkpoints", "latest")) and not self.tag:
-            raise ConfigError("checkpoint", f"{self.checkpoint!r} has no checkpoints/latest (not a training run)")
+        """Pure value checks; raises :class:`ConfigError` naming the key."""
         if not self.dest:
             raise ConfigError("dest", "must not be empty")
+
+    def preflight(self) -> None:
+        """The run folder holds a checkpoint; raises :class:`ConfigError` naming the key."""
+        if not os.path.exists(os.path.join(self.checkpoint, "checkpoints", "latest")) and not self.tag:
+            raise ConfigError("checkpoint", f"{self.checkpoint!r} has no checkpoints/latest (not a training run)")
 
 
 def git_commit() -> str | None:

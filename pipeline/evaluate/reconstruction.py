@@ -39,10 +39,17 @@ class EvaluateConfig:
     max_samples: int = field_(0, help="stop after this many samples (0 = all)")
 
     def validate(self) -> None:
-        from polymae.datasets import storage
-
+        """Pure value checks; raises :class:`ConfigError` naming the key."""
         if self.batch_size < 1:
             raise ConfigError("batch_size", "must be >= 1")
+        for key in ("num_visible", "max_samples"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+
+    def preflight(self) -> None:
+        """Local inputs exist; raises :class:`ConfigError` naming the key."""
+        from polymae.datasets import storage
+
         if "://" not in self.checkpoint and not os.path.exists(os.path.join(self.checkpoint, "model_config.json")):
             raise ConfigError("checkpoint", f"{self.checkpoint!r} has no model_config.json (not a run or release folder)")
         if "://" not in self.shards and not storage.exists(self.shards):
