@@ -7,24 +7,28 @@ with one learned global token, per-modality input adapters and cross-attention o
 a class token, a final encoder LayerNorm, the 8-block 512-d self-attention decoder over all tokens and
 the normalised-pixel loss.
 
-Both are built from JSON-serialisable keyword arguments only; ``model.init_kwargs`` holds them (plus
-``"arch"``) and :func:`build_from_init_kwargs` rebuilds the model from that dict.
+Both are built from one :class:`~polymae.models.config.MultiMAEConfig` (or its fields as keyword
+arguments); ``model.init_kwargs`` is that config as a JSON-ready dict (with ``"arch"``) and
+:func:`build_from_init_kwargs` rebuilds the model from such a dict.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
 from .adapters import MAEOutputAdapter, PatchedInputAdapter, SemSegInputAdapter, SpatialOutputAdapter, TokenLayout
+from .config import INPUT_MODALITIES, OUTPUT_MODALITIES, SEMSEG_STRIDE, MultiMAEConfig
 from .losses import masked_cross_entropy_loss, masked_l1_loss, masked_mse_loss, standardize_depth
 from .masking import check_masks, random_masking, sample_dirichlet_masks, visible_indices
 from .vit import (VIT_PRESETS, BlockStack, layer_norm, make_blocks, trunc_normal_token_, xavier_conv_as_linear_,
                   xavier_linear_)
 
-__all__ = ["MultiMAEOutput", "MultiMAE", "MAE", "create_model", "build_from_init_kwargs",
+__all__ = ["MultiMAEOutput", "MultiMAE", "MAE", "MultiMAEConfig", "create_model", "build_model",
+           "build_from_init_kwargs",
            "multimae_vit_tiny_patch16", "multimae_vit_small_patch16", "multimae_vit_base_patch16",
            "multimae_vit_large_patch16", "multimae_vit_huge_patch16", "mae_vit_base_patch16",
            "mae_vit_large_patch16", "mae_vit_huge_patch14", "IMAGE_CHANNELS", "INPUT_MODALITIES",
@@ -32,11 +36,6 @@ __all__ = ["MultiMAEOutput", "MultiMAE", "MAE", "create_model", "build_from_init
 
 #: channels of the image-like modalities
 IMAGE_CHANNELS = {"rgb": 3, "depth": 1}
-#: modalities an input adapter exists for
-INPUT_MODALITIES = ("rgb", "depth", "semseg")
-#: modalities an output adapter exists for; ``norm_rgb`` is the reference's extra per-patch-normalised
-#: RGB head (``--extra_norm_pix_loss``), reconstructed from the rgb input and rgb mask
-OUTPUT_MODALITIES = ("rgb", "depth", "semseg", "norm_rgb")
 _SOURCE = {"norm_rgb": "rgb"}
 
 
@@ -66,15 +65,6 @@ class MultiMAEOutput(dict):
     masks = property(lambda self: self["masks"])
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(x) for x in v)
-    if len(t) != 2:
-        raise ValueError(f"expected an int or (height, width), got {v!r}")
-    return t  # type: ignore[return-value]
-
-
 class MultiMAE(nn.Module):
     """Multi-modal multi-task masked autoencoder (MultiMAE, arXiv 2204.01678, Fig. 2 / Sec. 3).
 
@@ -85,131 +75,88 @@ class MultiMAE(nn.Module):
     the global token, self-attention is permutation-equivariant, so outputs are the same tokens in a
     different order and weights are interchangeable.
 
-    Keyword arguments (all JSON-serialisable; stored in ``self.init_kwargs`` with ``"arch"``):
-        img_size: 224 or ``[H, W]``: size the fixed positional grids are built for (other sizes are
-            interpolated). patch_size: 16.
-        dim, depth, num_heads: encoder width / blocks / heads (default ViT-Ti 192/12/3).
-        mlp_ratio: 4.0. qkv_bias: True. drop_path_rate: 0.0 (encoder and decoder blocks).
-        in_modalities: subset of ``("rgb", "depth", "semseg")``.
-        out_modalities: subset of ``("rgb", "depth", "semseg", "norm_rgb")``; None = ``in_modalities``.
-        semseg_num_classes: 151. semseg_ignore_index: 255 (ignored in the input and the loss).
-        semseg_class_dim: 64 (class-embedding width of the semseg input adapter).
-        decoder: ``"xattn"`` (MultiMAE output adapters) or ``"mae"`` (MAE self-attention decoder).
-            Also selects the reference's init and sin-cos channel order.
-        decoder_dim: 256. decoder_depth: 2. decoder_heads: 8. decoder_use_task_queries: True.
-        num_global_tokens: 1. encoder_norm: False (final encoder LayerNorm).
-        num_visible: 98, default visible tokens per sample for Dirichlet masking.
-        mask_ratio: None; when set, MAE random masking with that ratio replaces Dirichlet masking.
-        norm_pix_loss: False; rgb target normalised per patch (MAE) instead of plain normalised RGB.
-        loss_weights: None or ``{modality: weight}`` (missing -> 1.0).
-        standardize_depth: True; apply :func:`standardize_depth` to the depth input and target.
-        modality_embed: False; add a learned per-modality embedding in the input adapters.
+    Args:
+        config: the settings (:class:`~polymae.models.config.MultiMAEConfig`); None = the defaults of
+            this class (``MultiMAEConfig.for_arch(cls.ARCH)``). ``config.arch`` must be ``cls.ARCH``
+            (build any config with :func:`build_model`).
+        **overrides: fields of :class:`MultiMAEConfig` replacing those of ``config`` (or of the
+            defaults), e.g. ``MultiMAE(dim=64, depth=2)``.
+
+    Attributes:
+        config: the resolved :class:`MultiMAEConfig`.
+        init_kwargs: ``config.to_dict()``, the JSON-ready dict stored in ``model_config.json``.
 
     Raises:
-        ValueError: unknown modality or decoder type, bad sizes, non-positive weights.
+        ValueError: invalid settings (see :class:`MultiMAEConfig`), or ``config.arch != cls.ARCH``.
+        TypeError: an override that is not a field of :class:`MultiMAEConfig`.
     """
 
     ARCH = "multimae"
 
-    def __init__(self, *, img_size: int | Sequence[int] = 224, patch_size: int = 16, dim: int = 192,
-                 depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0,
-                 in_modalities: Sequence[str] = ("rgb", "depth", "semseg"),
-                 out_modalities: Sequence[str] | None = None,
-                 semseg_num_classes: int = 151, semseg_ignore_index: int = 255, semseg_class_dim: int = 64,
-                 decoder: str = "xattn", decoder_dim: int = 256, decoder_depth: int = 2, decoder_heads: int = 8,
-                 decoder_use_task_queries: bool = True, num_global_tokens: int = 1, encoder_norm: bool = False,
-                 num_visible: int = 98, mask_ratio: float | None = None, norm_pix_loss: bool = False,
-                 loss_weights: Mapping[str, float] | None = None, standardize_depth: bool = True,
-                 modality_embed: bool = False):
+    def __init__(self, config: MultiMAEConfig | None = None, **overrides: Any):
         super().__init__()
-        in_modalities = list(in_modalities)
-        out_modalities = list(in_modalities if out_modalities is None else out_modalities)
-        for m in in_modalities:
-            if m not in INPUT_MODALITIES:
-                raise ValueError(f"unknown input modality {m!r}; supported: {INPUT_MODALITIES}")
-        for m in out_modalities:
-            if m not in OUTPUT_MODALITIES:
-                raise ValueError(f"unknown output modality {m!r}; supported: {OUTPUT_MODALITIES}")
-        if not in_modalities or len(set(in_modalities)) != len(in_modalities) or \
-                len(set(out_modalities)) != len(out_modalities):
-            raise ValueError("in_modalities must be non-empty; modalities must not repeat")
-        if decoder not in ("xattn", "mae"):
-            raise ValueError(f"decoder must be 'xattn' or 'mae', got {decoder!r}")
-        if num_global_tokens < 1:
-            raise ValueError("num_global_tokens must be >= 1")
-        if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        weights = {m: 1.0 for m in out_modalities}
-        for m, w in (loss_weights or {}).items():
-            if m not in weights:
-                raise ValueError(f"loss weight for {m!r}, which is not an output modality {out_modalities}")
-            weights[m] = float(w)
-        img = _pair(img_size)
-        if img[0] % patch_size or img[1] % patch_size:
-            raise ValueError(f"img_size {img} is not divisible by patch_size {patch_size}")
-
-        self.init_kwargs: dict[str, Any] = dict(
-            arch=self.ARCH, img_size=img[0] if img[0] == img[1] else list(img), patch_size=patch_size, dim=dim,
-            depth=depth, num_heads=num_heads, mlp_ratio=float(mlp_ratio), qkv_bias=qkv_bias,
-            drop_path_rate=float(drop_path_rate), in_modalities=list(in_modalities),
-            out_modalities=list(out_modalities), semseg_num_classes=semseg_num_classes,
-            semseg_ignore_index=semseg_ignore_index, semseg_class_dim=semseg_class_dim, decoder=decoder,
-            decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-            decoder_use_task_queries=decoder_use_task_queries, num_global_tokens=num_global_tokens,
-            encoder_norm=encoder_norm, num_visible=num_visible,
-            mask_ratio=None if mask_ratio is None else float(mask_ratio), norm_pix_loss=norm_pix_loss,
-            loss_weights=None if loss_weights is None else {k: float(v) for k, v in loss_weights.items()},
-            standardize_depth=standardize_depth, modality_embed=modality_embed)
-
+        if config is None:
+            config = MultiMAEConfig.for_arch(self.ARCH, **overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        if config.arch != self.ARCH:
+            raise ValueError(f"config.arch is {config.arch!r} but {type(self).__name__} is {self.ARCH!r}; "
+                             f"use build_model(config)")
+        self.config = c = config
+        img = c.img_hw
         self.img_size = img
-        self.patch_size = patch_size
-        self.dim = dim
-        self.in_modalities = in_modalities
-        self.out_modalities = out_modalities
-        self.num_global_tokens = num_global_tokens
-        self.num_visible = num_visible
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-        self.loss_weights = weights
-        self.semseg_ignore_index = semseg_ignore_index
-        self.semseg_stride = 4
-        self.do_standardize_depth = standardize_depth
-        self.style = "mae" if decoder == "mae" else "multimae"
+        self.patch_size = c.patch_size
+        self.dim = c.dim
+        self.in_modalities = list(c.in_modalities)
+        self.out_modalities = list(c.out_modalities)
+        self.num_global_tokens = c.num_global_tokens
+        self.num_visible = c.num_visible
+        self.mask_ratio = c.mask_ratio
+        self.norm_pix_loss = c.norm_pix_loss
+        self.loss_weights = {m: 1.0 for m in c.out_modalities} | dict(c.loss_weights or {})
+        self.semseg_ignore_index = c.semseg_ignore_index
+        self.semseg_stride = SEMSEG_STRIDE
+        self.do_standardize_depth = c.standardize_depth
+        self.style = "mae" if c.decoder == "mae" else "multimae"
         pos_order = "col_first" if self.style == "mae" else "row_first"
-        grid = (img[0] // patch_size, img[1] // patch_size)
+        grid = (img[0] // c.patch_size, img[1] // c.patch_size)
 
         adapters: dict[str, nn.Module] = {}
-        for m in in_modalities:
+        for m in c.in_modalities:
             if m == "semseg":
-                adapters[m] = SemSegInputAdapter(semseg_num_classes, patch_size, img, dim, self.semseg_stride,
-                                                 semseg_class_dim, semseg_ignore_index, pos_order, modality_embed)
+                adapters[m] = SemSegInputAdapter(c.semseg_num_classes, c.patch_size, img, c.dim, self.semseg_stride,
+                                                 c.semseg_class_dim, c.semseg_ignore_index, pos_order,
+                                                 c.modality_embed)
             else:
-                adapters[m] = PatchedInputAdapter(IMAGE_CHANNELS[m], patch_size, img, dim, pos_order,
-                                                  modality_embed)
+                adapters[m] = PatchedInputAdapter(IMAGE_CHANNELS[m], c.patch_size, img, c.dim, pos_order,
+                                                  c.modality_embed)
         self.input_adapters = nn.ModuleDict(adapters)
-        self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim))
-        self.encoder = make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate)
-        self.encoder_norm = layer_norm(dim) if encoder_norm else nn.Identity()
+        self.global_tokens = nn.Parameter(torch.zeros(1, c.num_global_tokens, c.dim))
+        self.encoder = make_blocks(c.dim, c.depth, c.num_heads, c.mlp_ratio, c.qkv_bias, c.drop_path_rate)
+        self.encoder_norm = layer_norm(c.dim) if c.encoder_norm else nn.Identity()
 
         outs: dict[str, nn.Module] = {}
-        for m in out_modalities:
+        for m in c.out_modalities:
             src = _SOURCE.get(m, m)
             if m == "semseg":
-                if patch_size % self.semseg_stride:
-                    raise ValueError(f"patch_size {patch_size} must be divisible by 4 for semseg")
-                channels, patch = semseg_num_classes, patch_size // self.semseg_stride
+                channels, patch = c.semseg_num_classes, c.patch_size // self.semseg_stride
             else:
-                channels, patch = IMAGE_CHANNELS[src], patch_size
-            if decoder == "mae":
-                outs[m] = MAEOutputAdapter(channels, patch, grid, dim, src, decoder_dim, decoder_depth,
-                                           decoder_heads, mlp_ratio, qkv_bias, drop_path_rate, pos_order)
+                channels, patch = IMAGE_CHANNELS[src], c.patch_size
+            if c.decoder == "mae":
+                outs[m] = MAEOutputAdapter(channels, patch, grid, c.dim, src, c.decoder_dim, c.decoder_depth,
+                                           c.decoder_heads, c.mlp_ratio, c.qkv_bias, c.drop_path_rate, pos_order)
             else:
-                outs[m] = SpatialOutputAdapter(channels, patch, grid, dim, in_modalities, src, decoder_dim,
-                                               decoder_depth, decoder_heads, mlp_ratio, qkv_bias, drop_path_rate,
-                                               decoder_use_task_queries)
+                outs[m] = SpatialOutputAdapter(channels, patch, grid, c.dim, self.in_modalities, src, c.decoder_dim,
+                                               c.decoder_depth, c.decoder_heads, c.mlp_ratio, c.qkv_bias,
+                                               c.drop_path_rate, c.decoder_use_task_queries)
         self.output_adapters = nn.ModuleDict(outs)
         self.init_weights()
+
+    @property
+    def init_kwargs(self) -> dict[str, Any]:
+        """``self.config.to_dict()``: the JSON-ready settings (``"arch"`` first, tuples as lists, a square
+        ``img_size`` as an int) stored as ``model_config.json["init_kwargs"]``; a fresh dict each call."""
+        return self.config.to_dict()
 
     # ------------------------------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -429,26 +376,15 @@ class MultiMAE(nn.Module):
         return MultiMAEOutput(loss=total, losses=losses, preds=preds, masks=mk)
 
 
-_MAE_DEFAULTS: dict[str, Any] = dict(
-    dim=768, depth=12, num_heads=12, in_modalities=("rgb",), out_modalities=("rgb",), decoder="mae",
-    decoder_dim=512, decoder_depth=8, decoder_heads=16, num_global_tokens=1, encoder_norm=True, mask_ratio=0.75,
-    norm_pix_loss=True)
-
-
 class MAE(MultiMAE):
     """Masked autoencoder (MAE, arXiv 2111.06377) as a configured :class:`MultiMAE`.
 
-    Defaults (Sec. 3, Table 1 and the reference ``mae_vit_*_dec512d8b``): RGB in/out, random masking
-    ``mask_ratio=0.75``, one class token (the ``global_tokens`` parameter), final encoder LayerNorm,
-    self-attention decoder 512-d x 8 blocks x 16 heads over class + all patch tokens (``decoder="mae"``),
-    normalised-pixel MSE (``norm_pix_loss=True``), MAE init and sin-cos order, ViT-B encoder. Every
-    :class:`MultiMAE` keyword may override these.
+    Same arguments as :class:`MultiMAE`; the defaults are :meth:`MultiMAEConfig.mae`'s (Sec. 3: RGB only,
+    random masking with ratio 0.75, class token, final encoder LayerNorm, 512-d x 8-block self-attention
+    decoder, normalised-pixel loss, ViT-B encoder), and ``config.arch`` must be ``"mae"``.
     """
 
     ARCH = "mae"
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**{**_MAE_DEFAULTS, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------ factories
@@ -526,21 +462,29 @@ def create_model(name_or_preset: str, **kwargs: Any) -> MultiMAE:
                      f"'multimae_<preset>' / 'mae_<preset>' or a preset {sorted(VIT_PRESETS)}")
 
 
+def build_model(config: MultiMAEConfig) -> MultiMAE:
+    """A freshly initialised model of ``config``'s class (``config.arch``: ``"multimae"`` -> :class:`MultiMAE`,
+    ``"mae"`` -> :class:`MAE`); load a state dict afterwards to restore weights."""
+    return _ARCHS[config.arch](config)
+
+
 def build_from_init_kwargs(d: Mapping[str, Any]) -> MultiMAE:
-    """Rebuild a model from its ``init_kwargs`` (e.g. read back from JSON).
+    """Rebuild a model from its ``init_kwargs`` (e.g. ``model_config.json["init_kwargs"]``, written by
+    this version or an earlier one).
 
     Args:
-        d: ``model.init_kwargs``; ``d["arch"]`` is ``"multimae"`` or ``"mae"``.
+        d: ``model.init_kwargs``; ``d["arch"]`` is ``"multimae"`` or ``"mae"``; other missing keys take
+            that arch's defaults (:meth:`MultiMAEConfig.from_dict`).
 
     Returns:
         a freshly initialised :class:`MultiMAE` or :class:`MAE` with the same architecture (load the
         state dict afterwards).
 
     Raises:
-        ValueError: missing/unknown ``arch``. TypeError: unknown keyword.
+        ValueError: missing/unknown ``arch``, a key that is not a :class:`MultiMAEConfig` field, invalid
+            values.
     """
-    kw = dict(d)
-    arch = kw.pop("arch", None)
+    arch = d.get("arch")
     if arch not in _ARCHS:
         raise ValueError(f"init_kwargs['arch'] must be one of {sorted(_ARCHS)}, got {arch!r}")
-    return _ARCHS[arch](**kw)
+    return build_model(MultiMAEConfig.from_dict(d))
