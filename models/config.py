@@ -4,6 +4,10 @@
 with its default. ``config.to_dict()`` (``dataclasses.asdict`` made JSON-ready) is what training and
 releases store as ``model_config.json["init_kwargs"]``, and :meth:`MultiMAEConfig.from_dict` reads such a
 dict back, including the ones written before this class existed (same keys, same values).
+
+Fields added after the first ``init_kwargs`` format (:data:`ADDED_FIELDS`) are written by ``to_dict()``
+only when they differ from their default, so a model that does not use them writes exactly the file it
+wrote before (and older polymae versions, whose ``from_dict`` rejects unknown keys, can still read it).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["MultiMAEConfig", "ARCHS", "INPUT_MODALITIES", "OUTPUT_MODALITIES"]
+__all__ = ["MultiMAEConfig", "ARCHS", "INPUT_MODALITIES", "OUTPUT_MODALITIES", "ADDED_FIELDS"]
 
 #: per model family, the defaults that differ from the fields' own: none for ``"multimae"``
 #: (:class:`~polymae.models.multimae.MultiMAE`), these for ``"mae"`` (:class:`~polymae.models.multimae.MAE`,
@@ -28,10 +32,13 @@ ARCHS = tuple(_ARCH_DEFAULTS)
 #: modalities an input adapter exists for
 INPUT_MODALITIES = ("rgb", "depth", "semseg")
 #: modalities an output adapter exists for; ``norm_rgb`` is the reference's extra per-patch-normalised
-#: RGB head (``--extra_norm_pix_loss``), reconstructed from the rgb input and rgb mask
+#: RGB head (``extra_norm_pix_loss``), reconstructed from the rgb input and rgb mask
 OUTPUT_MODALITIES = ("rgb", "depth", "semseg", "norm_rgb")
 #: semseg targets are given at 1/4 of the image resolution, so the patch size must be divisible by 4
 SEMSEG_STRIDE = 4
+#: fields added after the first ``init_kwargs`` format, with the default that reproduces the earlier
+#: behaviour; ``to_dict()`` leaves them out while they hold that default
+ADDED_FIELDS: dict[str, Any] = {"extra_norm_pix_loss": False, "fp32_output_adapters": ()}
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,11 @@ class MultiMAEConfig:
     have always stored: ``img_size`` becomes an ``int`` when square and ``(H, W)`` otherwise (a list in
     ``to_dict()``), modality lists become tuples (lists in ``to_dict()``), ``out_modalities=None`` becomes
     ``in_modalities``, and ``mlp_ratio``, ``drop_path_rate``, ``mask_ratio`` and the ``loss_weights``
-    values become ``float``. The object is frozen; use ``dataclasses.replace(cfg, **changes)`` (already
-    resolved fields such as ``out_modalities`` are kept unless changed).
+    values become ``float``, ``fp32_output_adapters`` a tuple, and ``extra_norm_pix_loss=True`` appends
+    ``"norm_rgb"`` to ``out_modalities`` when it is not there. The object is frozen; use
+    ``dataclasses.replace(cfg, **changes)`` (already resolved fields such as ``out_modalities`` are kept
+    unless changed: turning ``extra_norm_pix_loss`` off that way keeps ``"norm_rgb"``; drop it from
+    ``out_modalities`` too).
 
     ``MultiMAEConfig(**kw)`` starts from the MultiMAE defaults (ViT-Ti encoder, three modalities,
     cross-attention decoders, Dirichlet masking; MultiMAE Sec. 3); :meth:`mae` starts from the MAE ones;
@@ -52,8 +62,8 @@ class MultiMAEConfig:
     Raises:
         ValueError: unknown arch, modality or decoder type; empty or repeated modalities; ``img_size``
             not an int or a pair, or not divisible by ``patch_size``; ``patch_size`` not divisible by 4 with
-            a semseg output; ``num_global_tokens < 1``; ``mask_ratio`` outside ``[0, 1)``; a loss weight for
-            a modality that is not an output.
+            a semseg output; ``num_global_tokens < 1``; ``mask_ratio`` outside ``[0, 1)``; a loss weight or
+            an ``fp32_output_adapters`` entry for a modality that is not an output.
     """
 
     #: ``"multimae"`` or ``"mae"``: which model class (and set of defaults) the settings belong to
@@ -112,6 +122,17 @@ class MultiMAEConfig:
     standardize_depth: bool = True
     #: add a learned per-modality embedding to the input tokens
     modality_embed: bool = False
+    #: the official MultiMAE pre-training recipe's extra head (``extra_norm_pix_loss``): a fourth output
+    #: adapter ``norm_rgb``, built like the rgb one with its own weights, reconstructing the rgb input's
+    #: per-patch-normalised pixels (MAE Sec. 3 "normalized pixels") on the rgb mask, beside the plain rgb
+    #: loss; its loss weight is ``loss_weights["norm_rgb"]`` (default 1). True appends ``"norm_rgb"`` to
+    #: ``out_modalities`` (listing ``"norm_rgb"`` there, the older spelling, builds the same model)
+    extra_norm_pix_loss: bool = False
+    #: output modalities whose adapters run in float32 with autocast off (inputs cast to float32), e.g.
+    #: ``("semseg",)`` for a 151-way softmax under bf16 autocast; losses are always float32 regardless.
+    #: Needs float32 weights (autocast mixed precision): in a model converted to bf16 the adapter runs in
+    #: its weights' dtype
+    fp32_output_adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         setattr_ = object.__setattr__  # the dataclass is frozen: normalise once, here
@@ -121,8 +142,12 @@ class MultiMAEConfig:
         setattr_(self, "img_size", h if h == w else (h, w))
         ins = tuple(self.in_modalities)
         outs = ins if self.out_modalities is None else tuple(self.out_modalities)
+        setattr_(self, "extra_norm_pix_loss", bool(self.extra_norm_pix_loss))
+        if self.extra_norm_pix_loss and "norm_rgb" not in outs:
+            outs = outs + ("norm_rgb",)
         setattr_(self, "in_modalities", ins)
         setattr_(self, "out_modalities", outs)
+        setattr_(self, "fp32_output_adapters", tuple(self.fp32_output_adapters))
         setattr_(self, "mlp_ratio", float(self.mlp_ratio))
         setattr_(self, "drop_path_rate", float(self.drop_path_rate))
         if self.mask_ratio is not None:
@@ -150,6 +175,9 @@ class MultiMAEConfig:
         for m in self.loss_weights or {}:
             if m not in outs:
                 raise ValueError(f"loss weight for {m!r}, which is not an output modality {list(outs)}")
+        for m in self.fp32_output_adapters:
+            if m not in outs:
+                raise ValueError(f"fp32_output_adapters names {m!r}, which is not an output modality {list(outs)}")
         h, w = self.img_hw
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"img_size {(h, w)} is not divisible by patch_size {self.patch_size}")
@@ -204,9 +232,11 @@ class MultiMAEConfig:
         return cls.for_arch(rest.pop("arch", "multimae"), **rest)
 
     def to_dict(self) -> dict[str, Any]:
-        """``dataclasses.asdict(self)`` made JSON-ready (tuples -> lists), in field order: the
-        ``init_kwargs`` stored in ``model_config.json``."""
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+        """``dataclasses.asdict(self)`` made JSON-ready (tuples -> lists), in field order, without the
+        :data:`ADDED_FIELDS` that hold their default: the ``init_kwargs`` stored in ``model_config.json``
+        (for settings that existed before, the same dict as earlier versions wrote)."""
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()
+                if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:

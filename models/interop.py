@@ -128,9 +128,12 @@ def import_multimae_checkpoint(state_dict: Mapping[str, Any], strict: bool = Tru
     ``global_tokens [1, G, D]``, ``encoder.<i>.attn.qkv.weight``, ``output_adapters.<m>.{task_embeddings.<t>,
     mask_token, pos_emb, decoder.{q,kv,proj}, context_norm, query_norm, out_norm, mlp.fc1/fc2,
     decoder_transformer.<i>.*, out_proj, proj_context}``); reference ``pos_emb`` parameters load into
-    polymae's ``pos_emb`` buffers. Build the model with the checkpoint's modalities (including
-    ``out_modalities=[..., "norm_rgb"]`` when ``output_adapters.norm_rgb.*`` is present) and
-    ``semseg_num_classes`` = rows of ``class_emb``.
+    polymae's ``pos_emb`` buffers. Build the model with the checkpoint's modalities and
+    ``semseg_num_classes`` = rows of ``class_emb``. A checkpoint of the official recipe with
+    ``extra_norm_pix_loss`` carries a fourth adapter under the official prefix ``output_adapters.norm_rgb.``
+    (same structure as ``output_adapters.rgb.``, queries from the rgb tokens); it maps to polymae's
+    ``norm_rgb`` adapter, so build that model with ``extra_norm_pix_loss=True`` (equivalently
+    ``out_modalities=[..., "norm_rgb"]``), or drop those keys to load the other adapters only.
 
     Args:
         state_dict: reference state dict, optionally wrapped as ``{"model": sd}`` or ``module.``-prefixed.
@@ -155,7 +158,8 @@ def import_multimae_checkpoint(state_dict: Mapping[str, Any], strict: bool = Tru
 
 
 def export_multimae_checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
-    """polymae MultiMAE -> EPFL-VILAB/MultiMAE key layout (identity on names; CPU copies).
+    """polymae MultiMAE -> EPFL-VILAB/MultiMAE key layout (identity on names; CPU copies). The
+    ``extra_norm_pix_loss`` adapter is written as ``output_adapters.norm_rgb.*``, the official name.
 
     Raises:
         ValueError: the model is not a MultiMAE-style (``decoder="xattn"``) model.

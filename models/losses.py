@@ -8,7 +8,9 @@ has, the loss is an exact 0 that still carries a gradient path to ``pred``). Wit
 masked tokens per sample this equals MAE's ``(loss * mask).sum() / mask.sum()``; it matches the
 MultiMAE reference's per-sample mean followed by ``nanmean``.
 
-Losses are evaluated in float32 whatever the dtype of ``pred`` (autocast-safe).
+Losses are evaluated in float32 whatever the dtype of ``pred``, with autocast disabled around them (an
+enclosing ``torch.autocast`` cannot lower them to bf16/fp16), and with masked arithmetic only: no value is
+read on the host and no tensor has a data-dependent size, so they never synchronise an accelerator.
 """
 
 from __future__ import annotations
@@ -16,8 +18,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["patchify", "unpatchify", "standardize_depth", "norm_pix_target", "masked_mean",
+__all__ = ["fp32_region", "patchify", "unpatchify", "standardize_depth", "norm_pix_target", "masked_mean",
            "masked_mse_loss", "masked_l1_loss", "masked_cross_entropy_loss"]
+
+
+def fp32_region(t: torch.Tensor) -> torch.autocast:
+    """A context manager that switches autocast off on ``t``'s device, so that float32 inputs stay float32
+    inside it (mixed-precision training, e.g. ``torch.autocast("cuda", dtype=torch.bfloat16)``). On a
+    device type autocast does not know (e.g. ``meta``) it switches off CPU autocast instead, a no-op there.
+
+    Args:
+        t: any tensor on the device the region computes on.
+
+    Returns:
+        ``torch.autocast(device_type=t.device.type, enabled=False)``.
+    """
+    try:
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    except RuntimeError:
+        return torch.autocast(device_type="cpu", enabled=False)
 
 
 def patchify(x: torch.Tensor, patch: int, channel_last: bool = False) -> torch.Tensor:
@@ -128,26 +147,31 @@ def norm_pix_target(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def masked_mean(value_sum: torch.Tensor, count: torch.Tensor, mask: torch.Tensor,
-                anchor: torch.Tensor) -> torch.Tensor:
-    """Per-sample average over masked tokens, then average over samples that have any.
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample average over masked tokens, then average over samples that have any (MultiMAE Sec. 3.3:
+    the reference's per-sample mean followed by ``nanmean``; MAE Sec. 3: mean over masked patches).
+
+    Masked arithmetic only (no host read, no data-dependent shape): ``num_b = sum_n value * mask``,
+    ``den_b = sum_n count * mask``; samples with ``den_b = 0`` get weight 0 and the result is
+    ``sum_b [den_b > 0] num_b / den_b`` divided by ``max(1, #samples with den_b > 0)``. With no such
+    sample it is an exact 0 that still depends on ``value_sum`` (so backward reaches the prediction).
+    Unmasked tokens are selected out with ``torch.where``, so a non-finite value there cannot leak in.
 
     Args:
         value_sum: ``[B, N]`` summed loss of each token.
         count: ``[B, N]`` number of loss terms in each token (pixels; 0 for fully ignored tokens).
         mask: bool ``[B, N]``, True = masked (counted).
-        anchor: a tensor from the graph (e.g. the prediction), used to return a differentiable 0.
+        anchor: unused; kept for callers written when an empty selection needed a tensor of the graph.
 
     Returns:
-        scalar float32 tensor.
+        scalar tensor of ``value_sum``'s dtype (float32 from the losses below).
     """
-    m = mask.to(value_sum.dtype)
-    num = (value_sum * m).sum(dim=1)
-    den = (count.to(value_sum.dtype) * m).sum(dim=1)
+    zero = value_sum.new_zeros(())
+    num = torch.where(mask, value_sum, zero).sum(dim=1)
+    den = torch.where(mask, count.to(value_sum.dtype), zero).sum(dim=1)
     valid = den > 0
-    if not bool(valid.any()):
-        return anchor.float().sum() * 0.0
-    per_sample = num[valid] / den[valid]
-    return per_sample.mean()
+    per_sample = torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)), zero)
+    return per_sample.sum() / valid.sum().clamp_min(1).to(value_sum.dtype)
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int) -> None:
@@ -177,12 +201,13 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
         ValueError: on shape mismatch.
     """
     _check(pred, target, mask, patch)
-    p = patchify(pred.float(), patch)
-    t = patchify(target.float(), patch)
-    if norm_pix:
-        t = norm_pix_target(t, eps)
-    per_tok = ((p - t) ** 2).mean(dim=-1)
-    return masked_mean(per_tok, torch.ones_like(per_tok), mask, pred)
+    with fp32_region(pred):
+        p = patchify(pred.float(), patch)
+        t = patchify(target.float(), patch)
+        if norm_pix:
+            t = norm_pix_target(t, eps)
+        per_tok = ((p - t) ** 2).mean(dim=-1)
+        return masked_mean(per_tok, torch.ones_like(per_tok), mask)
 
 
 def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
@@ -201,8 +226,9 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         ValueError: on shape mismatch.
     """
     _check(pred, target, mask, patch)
-    per_tok = (patchify(pred.float(), patch) - patchify(target.float(), patch)).abs().mean(dim=-1)
-    return masked_mean(per_tok, torch.ones_like(per_tok), mask, pred)
+    with fp32_region(pred):
+        per_tok = (patchify(pred.float(), patch) - patchify(target.float(), patch)).abs().mean(dim=-1)
+        return masked_mean(per_tok, torch.ones_like(per_tok), mask)
 
 
 def masked_cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: int,
@@ -230,8 +256,9 @@ def masked_cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, mask: 
     n = (logits.shape[-2] // patch) * (logits.shape[-1] // patch)
     if tuple(mask.shape) != (logits.shape[0], n):
         raise ValueError(f"mask must be [B, {n}], got {tuple(mask.shape)}")
-    pix = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # [B, h, w]
-    valid = (target != ignore_index).float()
-    loss_sum = patchify(pix, patch).sum(dim=-1)
-    count = patchify(valid, patch).sum(dim=-1)
-    return masked_mean(loss_sum, count, mask, logits)
+    with fp32_region(logits):
+        pix = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+        valid = (target != ignore_index).float()  # pix: [B, h, w] nats, 0 on ignored pixels
+        loss_sum = patchify(pix, patch).sum(dim=-1)
+        count = patchify(valid, patch).sum(dim=-1)
+        return masked_mean(loss_sum, count, mask)

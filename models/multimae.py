@@ -10,6 +10,12 @@ the normalised-pixel loss.
 Both are built from one :class:`~polymae.models.config.MultiMAEConfig` (or its fields as keyword
 arguments); ``model.init_kwargs`` is that config as a JSON-ready dict (with ``"arch"``) and
 :func:`build_from_init_kwargs` rebuilds the model from such a dict.
+
+A training step (``forward`` with sampled masks, then ``loss.backward()``) reads no tensor value on the
+host, so it never waits for an accelerator: masks are drawn on the generator's device and copied over
+asynchronously (``polymae.models.masking``) and the losses use masked arithmetic (``polymae.models.losses``).
+Only caller-supplied masks are validated on the host. Losses are always computed in float32 with autocast
+off; ``fp32_output_adapters`` runs chosen output adapters in float32 as well.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import torch.nn as nn
 
 from .adapters import MAEOutputAdapter, PatchedInputAdapter, SemSegInputAdapter, SpatialOutputAdapter, TokenLayout
 from .config import INPUT_MODALITIES, OUTPUT_MODALITIES, SEMSEG_STRIDE, MultiMAEConfig
-from .losses import masked_cross_entropy_loss, masked_l1_loss, masked_mse_loss, standardize_depth
-from .masking import check_masks, random_masking, sample_dirichlet_masks, visible_indices
+from .losses import fp32_region, masked_cross_entropy_loss, masked_l1_loss, masked_mse_loss, standardize_depth
+from .masking import check_masks, num_kept, random_masking, sample_dirichlet_masks, visible_indices
 from .vit import (VIT_PRESETS, BlockStack, layer_norm, make_blocks, trunc_normal_token_, xavier_conv_as_linear_,
                   xavier_linear_)
 
@@ -45,13 +51,14 @@ class MultiMAEOutput(dict):
     hooks on a module's output tensors — see every tensor inside it.
 
     Attributes:
-        loss: scalar, ``sum_m loss_weights[m] * losses[m]``.
-        losses: ``{modality: scalar}`` unweighted per-modality losses (only modalities whose target is
-            in the inputs).
+        loss: float32 scalar, ``sum_m loss_weights[m] * losses[m]`` (MultiMAE Sec. 3.3).
+        losses: ``{modality: float32 scalar}`` unweighted per-modality losses (only modalities whose
+            target is in the inputs; ``norm_rgb``'s target is the rgb input).
         preds: ``{modality: prediction}`` for every output modality: rgb ``[B, 3, H, W]`` in the
             loss's target space (normalised RGB, or per-patch-normalised pixels with
             ``norm_pix_loss``), depth ``[B, 1, H, W]`` in standardised-depth space, semseg logits
-            ``[B, K, H/4, W/4]``, norm_rgb ``[B, 3, H, W]``.
+            ``[B, K, H/4, W/4]``, norm_rgb ``[B, 3, H, W]`` in per-patch-normalised pixel space (with
+            ``extra_norm_pix_loss``). Dtype: the autocast dtype, or float32 for ``fp32_output_adapters``.
         masks: ``{modality: bool [B, N_m]}`` for the encoded modalities, True = masked.
     """
 
@@ -82,9 +89,15 @@ class MultiMAE(nn.Module):
         **overrides: fields of :class:`MultiMAEConfig` replacing those of ``config`` (or of the
             defaults), e.g. ``MultiMAE(dim=64, depth=2)``.
 
+    Output adapters: one per ``out_modalities`` entry, named like the modality; with
+    ``extra_norm_pix_loss`` (the official MultiMAE recipe) a fourth one, ``norm_rgb``, built like the rgb
+    adapter with its own weights, predicts the per-patch-normalised rgb pixels (MAE Sec. 3).
+
     Attributes:
         config: the resolved :class:`MultiMAEConfig`.
         init_kwargs: ``config.to_dict()``, the JSON-ready dict stored in ``model_config.json``.
+        extra_norm_pix_loss: whether the model has the ``norm_rgb`` output adapter.
+        fp32_output_adapters: frozenset of output modalities decoded in float32 with autocast off.
 
     Raises:
         ValueError: invalid settings (see :class:`MultiMAEConfig`), or ``config.arch != cls.ARCH``.
@@ -113,6 +126,8 @@ class MultiMAE(nn.Module):
         self.num_visible = c.num_visible
         self.mask_ratio = c.mask_ratio
         self.norm_pix_loss = c.norm_pix_loss
+        self.extra_norm_pix_loss = "norm_rgb" in c.out_modalities
+        self.fp32_output_adapters = frozenset(c.fp32_output_adapters)
         self.loss_weights = {m: 1.0 for m in c.out_modalities} | dict(c.loss_weights or {})
         self.semseg_ignore_index = c.semseg_ignore_index
         self.semseg_stride = SEMSEG_STRIDE
@@ -283,15 +298,25 @@ class MultiMAE(nn.Module):
         counts = {m: t.shape[1] for m, t in tokens.items()}
         device = next(iter(tokens.values())).device
         if masks is not None:
-            k = check_masks(masks, counts, batch)
+            k = check_masks(masks, counts, batch)  # caller's masks: validated on the host
             return {m: masks[m].to(device) for m in counts}, k
         if self.mask_ratio is not None:
             out = {m: random_masking(batch, n, self.mask_ratio, generator, device) for m, n in counts.items()}
-            k = sum(int((~mk[0]).sum()) for mk in out.values())
-            return out, k
+            return out, sum(num_kept(n, self.mask_ratio) for n in counts.values())
         k = self.num_visible if num_visible is None else int(num_visible)
         out = sample_dirichlet_masks(counts, batch, k, alphas, sample_tasks_uniform, generator, device)
         return out, k
+
+    def _decode(self, m: str, enc: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Output adapter ``m`` on the encoder output; in float32 with autocast off when ``m`` is one of
+        ``fp32_output_adapters`` (inputs cast to the adapter's weight dtype: float32 unless the model was
+        converted to a lower precision)."""
+        adapter = self.output_adapters[m]
+        if m not in self.fp32_output_adapters:
+            return adapter(enc, layout)
+        dtype = next((p.dtype for p in adapter.parameters() if p.is_floating_point()), torch.float32)
+        with fp32_region(enc):
+            return adapter(enc.to(dtype), layout)
 
     def _loss(self, m: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if m == "semseg":
@@ -321,10 +346,12 @@ class MultiMAE(nn.Module):
         """
         data, batch, size = self._prepare(inputs)
         tokens = self._tokens(data)
-        if masks is None:
-            masks = {m: torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device) for m, t in tokens.items()}
         counts = {m: t.shape[1] for m, t in tokens.items()}
-        k = check_masks(masks, counts, batch)
+        if masks is None:  # everything visible: nothing to validate (and no host read)
+            masks = {m: torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device) for m, t in tokens.items()}
+            k = sum(counts.values())
+        else:
+            k = check_masks(masks, counts, batch)
         grid = (size[0] // self.patch_size, size[1] // self.patch_size)
         x, _ = self._encode(tokens, {m: masks[m].to(tokens[m].device) for m in tokens}, k, grid)
         return x
@@ -349,7 +376,12 @@ class MultiMAE(nn.Module):
 
         Returns:
             :class:`MultiMAEOutput`. A loss is computed on the masked tokens of its modality (all tokens
-            of an output modality that is not encoded).
+            of an output modality that is not encoded; ``norm_rgb`` uses the rgb mask), in float32 with
+            autocast off; the output adapters of ``fp32_output_adapters`` run in float32 too.
+
+        With sampled masks (``masks=None``) nothing here reads a tensor value on the host, in forward or
+        backward: a step queues its kernels without waiting for the accelerator. A CPU ``generator`` is
+        fine with inputs on an accelerator (masks are drawn on the CPU and copied asynchronously).
 
         Raises:
             ValueError: invalid inputs, masks, ``num_visible`` or ``alphas``.
@@ -362,17 +394,18 @@ class MultiMAE(nn.Module):
         preds: dict[str, torch.Tensor] = {}
         losses: dict[str, torch.Tensor] = {}
         n = grid[0] * grid[1]
-        for m, adapter in self.output_adapters.items():
-            preds[m] = adapter(enc, layout)
+        for m in self.output_adapters:
+            preds[m] = self._decode(m, enc, layout)
             src = _SOURCE.get(m, m)
             if src in data:
                 mask = mk.get(src)
                 if mask is None:
                     mask = torch.ones(batch, n, dtype=torch.bool, device=enc.device)
                 losses[m] = self._loss(m, preds[m], data[src], mask)
-        total = enc.float().sum() * 0.0
-        for m, v in losses.items():
-            total = total + self.loss_weights[m] * v
+        with fp32_region(enc):
+            total = enc.float().sum() * 0.0
+            for m, v in losses.items():
+                total = total + self.loss_weights[m] * v
         return MultiMAEOutput(loss=total, losses=losses, preds=preds, masks=mk)
 
 

@@ -129,7 +129,38 @@ def test_config_and_keyword_arguments_build_the_same_model():
 @pytest.mark.parametrize("bad", [dict(img_size=30), dict(img_size=(32, 32, 3)), dict(patch_size=6, img_size=36),
                                  dict(in_modalities=()), dict(in_modalities=("rgb", "rgb")),
                                  dict(out_modalities=("normals",)), dict(decoder="conv"), dict(num_global_tokens=0),
-                                 dict(mask_ratio=1.0), dict(loss_weights={"normals": 1.0}), dict(arch="vit")])
+                                 dict(mask_ratio=1.0), dict(loss_weights={"normals": 1.0}), dict(arch="vit"),
+                                 dict(fp32_output_adapters=("normals",)), dict(loss_weights={"norm_rgb": 1.0})])
 def test_invalid_settings_raise_value_error(bad):
     with pytest.raises(ValueError):
         MultiMAEConfig(**bad)
+
+
+def test_added_fields_are_written_only_when_used():
+    from polymae.models.config import ADDED_FIELDS
+
+    old_keys = json.loads((FIXTURES / "init_kwargs_v0.json").read_text())[0]["init_kwargs"].keys()
+    assert set(ADDED_FIELDS) == {f.name for f in dataclasses.fields(MultiMAEConfig)} - set(old_keys)
+    for cfg in (MultiMAEConfig(), MultiMAEConfig.mae()):  # defaults: the old key set, nothing new
+        assert list(cfg.to_dict()) == list(old_keys)
+        assert (cfg.extra_norm_pix_loss, cfg.fp32_output_adapters) == (False, ())
+    cfg = MultiMAEConfig(**TINY, extra_norm_pix_loss=True, fp32_output_adapters=["semseg", "norm_rgb"],
+                         loss_weights={"norm_rgb": 0.5})
+    assert cfg.out_modalities == ("rgb", "depth", "semseg", "norm_rgb")
+    assert cfg.fp32_output_adapters == ("semseg", "norm_rgb")
+    d = cfg.to_dict()
+    assert d["extra_norm_pix_loss"] is True and d["fp32_output_adapters"] == ["semseg", "norm_rgb"]
+    assert list(d)[:len(old_keys)] == list(old_keys)  # old keys first, in their order; new ones after
+    assert MultiMAEConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert MultiMAEConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    # the older spelling (norm_rgb listed as an output) builds the same model and still writes no new key
+    older = MultiMAEConfig(**TINY, out_modalities=("rgb", "depth", "semseg", "norm_rgb"))
+    assert "extra_norm_pix_loss" not in older.to_dict()
+    torch.manual_seed(0)
+    a = build_model(older)
+    torch.manual_seed(0)
+    b = build_model(dataclasses.replace(cfg, fp32_output_adapters=(), loss_weights=None))
+    assert a.extra_norm_pix_loss and b.extra_norm_pix_loss
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    mae = MultiMAEConfig.mae(**TINY, extra_norm_pix_loss=True)
+    assert mae.out_modalities == ("rgb", "norm_rgb") and MAE(mae).extra_norm_pix_loss

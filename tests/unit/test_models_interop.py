@@ -89,6 +89,27 @@ def test_multimae_checkpoint_round_trip():
     assert "head.weight" not in import_multimae_checkpoint(dict(ref, **{"head.weight": torch.zeros(1)}), strict=False)
 
 
+def test_extra_norm_pix_adapter_uses_the_official_norm_rgb_prefix():
+    """The official recipe's ``extra_norm_pix_loss`` head is ``output_adapters.norm_rgb.*``, with the same
+    structure as ``output_adapters.rgb.*``; a checkpoint with it loads into ``extra_norm_pix_loss=True``."""
+    torch.manual_seed(0)
+    ins = ("rgb", "depth", "semseg")
+    model = MultiMAE(img_size=32, in_modalities=ins, semseg_num_classes=6, extra_norm_pix_loss=True, **SMALL)
+    ref = export_multimae_checkpoint(model)
+    assert set(ref) == _multimae_reference_keys(ins, ins + ("norm_rgb",), 2, 2)
+    rgb = {k[len("output_adapters.rgb."):]: v.shape for k, v in ref.items() if k.startswith("output_adapters.rgb.")}
+    norm = {k[len("output_adapters.norm_rgb."):]: v.shape for k, v in ref.items()
+            if k.startswith("output_adapters.norm_rgb.")}
+    assert rgb == norm
+    fresh = MultiMAE(img_size=32, in_modalities=ins, semseg_num_classes=6, extra_norm_pix_loss=True, **SMALL)
+    fresh.load_state_dict(import_multimae_checkpoint({"model": ref}), strict=True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    # a model without the head loads such a checkpoint once the norm_rgb keys are dropped
+    plain = MultiMAE(img_size=32, in_modalities=ins, semseg_num_classes=6, **SMALL)
+    plain.load_state_dict({k: v for k, v in import_multimae_checkpoint(ref).items()
+                           if not k.startswith("output_adapters.norm_rgb.")}, strict=True)
+
+
 def _mae_reference_keys(depth, dec_depth):
     """Key names of facebookresearch/mae's MaskedAutoencoderViT."""
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",

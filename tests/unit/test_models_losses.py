@@ -232,3 +232,66 @@ def test_patchify_roundtrip(channel_last):
     # token 4 = grid row 1, col 1
     tok = t[0, 4].reshape(8, 8, 3).permute(2, 0, 1) if channel_last else t[0, 4].reshape(3, 8, 8)
     assert torch.equal(tok, x[0, :, 8:16, 8:16])
+
+
+def _ref_norm_pix_mse(pred, rgb, mask):
+    """MAE norm-pix target written out: each patch's 3*P*P values standardised by their own mean and
+    unbiased variance (eps 1e-6), squared error averaged per patch, per sample over masked patches, then
+    over samples."""
+    per_sample = []
+    for b in range(pred.shape[0]):
+        errs = []
+        for t in torch.nonzero(mask[b]).flatten().tolist():
+            i, j = divmod(t, NW)
+            tgt = rgb[b, :, i * P:(i + 1) * P, j * P:(j + 1) * P].double()
+            tgt = (tgt - tgt.mean()) / torch.sqrt(tgt.var(unbiased=True) + 1e-6)
+            errs.append(((pred[b, :, i * P:(i + 1) * P, j * P:(j + 1) * P].double() - tgt) ** 2).mean().item())
+        if errs:
+            per_sample.append(sum(errs) / len(errs))
+    return sum(per_sample) / len(per_sample)
+
+
+def test_extra_norm_pix_loss_adds_a_norm_rgb_head_and_leaves_the_rest_alone():
+    weights = {"rgb": 1.0, "depth": 0.5, "semseg": 2.0}
+    plain = _tiny(loss_weights=weights)
+    extra = _tiny(loss_weights=dict(weights, norm_rgb=0.25), extra_norm_pix_loss=True)
+    assert list(extra.output_adapters) == ["rgb", "depth", "semseg", "norm_rgb"] and extra.extra_norm_pix_loss
+    assert not plain.extra_norm_pix_loss and "norm_rgb" not in plain.output_adapters
+    # same architecture as the rgb adapter, its own parameters
+    rgb_sd, norm_sd = extra.output_adapters["rgb"].state_dict(), extra.output_adapters["norm_rgb"].state_dict()
+    assert {k: v.shape for k, v in rgb_sd.items()} == {k: v.shape for k, v in norm_sd.items()}
+    assert extra.output_adapters["rgb"].out_proj.weight is not extra.output_adapters["norm_rgb"].out_proj.weight
+    missing, unexpected = extra.load_state_dict(plain.state_dict(), strict=False)  # shared weights equal
+    assert not unexpected and missing and all(k.startswith("output_adapters.norm_rgb.") for k in missing)
+    batch, masks = _batch(), _fixed_masks()
+    with torch.no_grad():
+        a = plain(batch, masks=masks)
+        b = extra(batch, masks=masks)
+    assert set(b.losses) == set(b.preds) == {"rgb", "depth", "semseg", "norm_rgb"}
+    assert b.preds["norm_rgb"].shape == batch["rgb"].shape
+    for m in ("rgb", "depth", "semseg"):  # the other heads and losses are untouched
+        assert torch.equal(a.losses[m], b.losses[m]) and torch.equal(a.preds[m], b.preds[m]), m
+    ref = _ref_norm_pix_mse(b.preds["norm_rgb"], batch["rgb"], masks["rgb"])
+    assert b.losses["norm_rgb"].dtype == torch.float32
+    assert b.losses["norm_rgb"].item() == pytest.approx(ref, abs=1e-6)
+    assert b.loss.item() == pytest.approx(a.loss.item() + 0.25 * ref, abs=1e-5)
+    # default weight 1
+    one = _tiny(extra_norm_pix_loss=True)
+    with torch.no_grad():
+        c = one(batch, masks=masks)
+    assert c.loss.item() == pytest.approx(sum(v.item() for v in c.losses.values()), abs=1e-5)
+
+
+def test_masked_mean_without_any_masked_token_is_zero_with_a_gradient_path():
+    from polymae.models.losses import masked_mean
+
+    pred = torch.randn(2, 3, IMG, IMG, requires_grad=True)
+    none = torch.zeros(2, NH * NW, dtype=torch.bool)
+    loss = masked_mse_loss(pred, torch.randn(2, 3, IMG, IMG), none, P)
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert pred.grad is not None and torch.count_nonzero(pred.grad) == 0
+    value = torch.tensor([[1.0, float("nan"), 3.0], [2.0, 2.0, 2.0]])
+    count = torch.tensor([[1.0, 1.0, 2.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, False, True], [True, True, False]])  # sample 1: count 0 -> excluded
+    assert masked_mean(value, count, mask).item() == pytest.approx(4.0 / 3.0)

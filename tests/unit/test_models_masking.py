@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from polymae.models.masking import (allocate_visible_counts, check_masks, random_masking, sample_dirichlet_masks,
-                                    visible_indices)
+from polymae.models.masking import (allocate_visible_counts, batched_visible_counts, check_masks, num_kept,
+                                    random_masking, sample_dirichlet_masks, sample_dirichlet_shares, sample_gamma,
+                                    to_device_async, visible_indices)
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
@@ -101,7 +102,7 @@ def test_mae_random_masking(n):
     g = torch.Generator().manual_seed(0)
     m = random_masking(32, n, 0.75, generator=g)
     assert m.dtype == torch.bool and m.shape == (32, n)
-    assert bool(((~m).sum(dim=1) == round(n * 0.25)).all())
+    assert bool(((~m).sum(dim=1) == int(n * 0.25)).all())
     m2 = random_masking(32, n, 0.75, generator=torch.Generator().manual_seed(0))
     assert torch.equal(m, m2)
     assert len({tuple(r) for r in m.tolist()}) > 1  # per-sample shuffles
@@ -132,3 +133,80 @@ def test_check_masks_and_visible_indices():
         check_masks({"rgb": masks["rgb"]}, sizes, 2)
     with pytest.raises(ValueError):
         check_masks(dict(masks, rgb=masks["rgb"].long()), sizes, 2)
+
+
+@pytest.mark.parametrize("n,ratio,kept", [(196, 0.75, 49), (196, 0.7, 58), (196, 0.4, 117), (196, 0.9, 19),
+                                          (196, 0.0, 196), (49, 0.75, 12), (16, 0.75, 4), (10, 0.75, 2),
+                                          (256, 0.6, 102), (64, 0.9, 6), (1, 0.5, 0)])
+def test_mae_keeps_the_floor_of_n_times_one_minus_ratio(n, ratio, kept):
+    # MAE reference: len_keep = int(L * (1 - mask_ratio)); round() would keep one more at 0.4, 0.7, 0.9
+    assert num_kept(n, ratio) == kept == int(n * (1 - ratio))
+    m = random_masking(3, n, ratio, generator=torch.Generator().manual_seed(0))
+    assert bool(((~m).sum(dim=1) == kept).all())
+    with pytest.raises(ValueError):
+        num_kept(n, 1.0)
+
+
+def test_batched_visible_counts_equal_the_reference_allocation():
+    g = torch.Generator().manual_seed(0)
+    cases = [([4, 100, 100], 50), ([4, 10, 10], 10), ([10, 10, 10], 10), ([4, 4], 8), ([196] * 3, 98),
+             ([16, 49, 4], 60), ([0, 8, 8], 9), ([1, 1, 1, 196], 150), ([196], 49)]
+    for caps, total in cases:
+        shares = torch.rand(64, len(caps), generator=g, dtype=torch.float64)
+        shares[torch.rand(64, len(caps), generator=g) < 0.3] = 0.0       # empty subsets, saturation, spill-over
+        shares[0] = 0.0
+        if len(caps) == 3:
+            shares[1] = torch.tensor([1 / 3] * 3, dtype=torch.float64)  # exact ties
+        got = batched_visible_counts(shares, caps, total)
+        assert got.dtype == torch.long and got.shape == (64, len(caps))
+        for row, counts in zip(shares.tolist(), got.tolist()):
+            assert counts == allocate_visible_counts(row, caps, total), (caps, total, row)
+    with pytest.raises(ValueError):
+        batched_visible_counts(torch.ones(2, 2), [4, 4], 9)
+    with pytest.raises(ValueError):
+        batched_visible_counts(torch.ones(2, 3), [4, 4], 2)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 1.0, 3.0, 1e4])
+def test_gamma_sampler_moments(alpha):
+    x = sample_gamma(torch.tensor(alpha), (40000,), torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float64 and bool((x > 0).all())
+    # Gamma(a, 1): mean = var = a; the standard error of the mean is sqrt(a / n); the sample variance is
+    # noisier for small a (heavy relative tails), hence the wider tolerance there
+    assert abs(x.mean().item() - alpha) < 5 * (alpha / 40000) ** 0.5
+    assert abs(x.var().item() / alpha - 1) < (0.08 if alpha >= 0.5 else 0.25)
+    log_x = sample_gamma(torch.tensor(alpha), (10,), torch.Generator().manual_seed(1), log=True)
+    assert torch.allclose(log_x.exp(), sample_gamma(torch.tensor(alpha), (10,), torch.Generator().manual_seed(1)))
+
+
+def test_dirichlet_shares_moments_and_uniform_subsets():
+    alpha = [0.5, 1.0, 2.0]
+    s = sample_dirichlet_shares(alpha, 40000, generator=torch.Generator().manual_seed(0))
+    a0 = sum(alpha)
+    assert torch.allclose(s.sum(1), torch.ones(40000, dtype=torch.float64))
+    for i, a in enumerate(alpha):
+        mean, var = a / a0, a / a0 * (1 - a / a0) / (a0 + 1)
+        assert abs(s[:, i].mean().item() - mean) < 5 * (var / 40000) ** 0.5
+        assert abs(s[:, i].var().item() / var - 1) < 0.05
+    u = sample_dirichlet_shares([1.0] * 3, 14000, True, generator=torch.Generator().manual_seed(0))
+    subset = ((u > 0).long() * torch.tensor([1, 2, 4])).sum(1)
+    freq = torch.bincount(subset, minlength=8).double() / 14000
+    assert freq[0] == 0 and bool(((freq[1:] - 1 / 7).abs() < 0.015).all())  # 7 subsets, uniform
+    tiny = sample_dirichlet_shares([1e-3] * 3, 200, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(tiny).all()) and torch.allclose(tiny.sum(1), torch.ones(200, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        sample_dirichlet_shares([1.0, 0.0], 2)
+
+
+def test_masks_come_back_on_the_requested_device_and_match_the_generator_draw():
+    sizes = {"rgb": 16, "depth": 16}
+    a = sample_dirichlet_masks(sizes, 4, 10, generator=torch.Generator().manual_seed(3), device="cpu")
+    b = sample_dirichlet_masks(sizes, 4, 10, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a[k], b[k]) for k in sizes)
+    x = torch.ones(3)
+    assert to_device_async(x, "cpu") is x
+    if torch.cuda.is_available():  # CPU generator, accelerator output: the same masks, copied asynchronously
+        c = sample_dirichlet_masks(sizes, 4, 10, generator=torch.Generator().manual_seed(3), device="cuda")
+        assert all(c[k].device.type == "cuda" and torch.equal(c[k].cpu(), a[k]) for k in sizes)
+        r = random_masking(4, 16, 0.75, torch.Generator().manual_seed(0), device="cuda")
+        assert torch.equal(r.cpu(), random_masking(4, 16, 0.75, torch.Generator().manual_seed(0)))
