@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# what the benchmark process needs besides the label job's own RAY_* variables (scheduler.RAY_ENV); the
+# embedded Ray's workers run at the plain loop's priority, as in run_label's own embedded Ray
+BENCH_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "colorwheel", "retina",
           "motorcycle_left", "hubble_deep_field")
 TARGET_PER_WORKER = 0.9
@@ -76,13 +77,14 @@ def plain_loop(paths: list[Path], out: Path, cfg) -> dict:
 
     from polymae.datasets import shards as S
     from polymae.pipeline.label.teachers import load_teacher
+    from polymae.pipeline.label.worker import teacher_brief
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    teachers = {task: load_teacher(**spec) for task, spec in cfg.teacher_specs("cpu").items()}
+    teachers = {slot: load_teacher(**spec) for slot, spec in cfg.teacher_specs("cpu").items()}
     load_s = time.perf_counter() - t0
-    metas = {task: t.metadata() for task, t in teachers.items()}
-    briefs = {task: {k: m[k] for k in ("name", "revision", "random_init")} for task, m in metas.items()}
+    metas = {slot: t.metadata() for slot, t in teachers.items()}
+    briefs = {slot: teacher_brief(m) for slot, m in metas.items()}
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
@@ -141,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
+    from polymae.patches import environment
+    from polymae.pipeline.label.config import LabelConfig, TeacherConfig
+    from polymae.pipeline.label.scheduler import EMBEDDED_OBJECT_STORE_BYTES, RAY_ENV
+
+    environment({**RAY_ENV, **BENCH_ENV})  # for this process's life (a user's exported values win)
     import ray
     import torch
     import transformers
-
-    from polymae.pipeline.label.driver import EMBEDDED_OBJECT_STORE_BYTES, LabelConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="label_throughput-"))
     src = work / "images"
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(src)
     paths = write_images(src, args.images, args.width, args.height)
     cfg = LabelConfig(input=str(src), samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
+                      teachers=[TeacherConfig("dpt"), TeacherConfig("segformer")],
                       teacher_short_side=args.teacher_short_side, cpus_per_worker=1, progress=False, read_threads=4)
     print(f"{len(paths)} images of {args.width}x{args.height}, teacher_short_side={args.teacher_short_side}, "
           f"batch_size={args.batch_size}, samples_per_shard={args.samples_per_shard}, teachers dpt + segformer "
@@ -166,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     r = plain_loop(paths, work / "plain", cfg)
     rows["plain loop"] = (1, r)
     load["plain loop"] = _loadavg()
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as run_label's embedded Ray: workers at the loop's priority
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
              logging_level="WARNING")

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from polymae.datasets import storage
 from polymae.datasets.storage import CommitOnExit
 
 SCHEMA_VERSION = 1
@@ -45,6 +46,10 @@ CLS = "cls"
 DEPTH_MAX_CODE = 65535
 JPEG_QUALITY = 95
 _SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
+_STATS_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.stats\.json$")
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+# the hidden name ``storage.AtomicWriter`` writes ``{name}`` under until it is complete
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]+$")
 
 
 # --------------------------------------------------------------------------------------- layout
@@ -83,10 +88,62 @@ def index_url(root: str, split: str) -> str:
     return f"{split_dir(root, split)}/index.parquet"
 
 
+def is_valid_split(split: str) -> bool:
+    """True for a usable split name: ``[A-Za-z0-9_]+`` (it starts every file name of the split)."""
+    return bool(_SPLIT_RE.match(split))
+
+
 def parse_shard_name(name: str) -> tuple[str, int] | None:
     """``(split, index)`` of a shard file name or URL, or None when it is not one."""
     m = _SHARD_RE.match(name.rsplit("/", 1)[-1])
     return (m["split"], int(m["index"])) if m else None
+
+
+def parse_stats_name(name: str) -> tuple[str, int] | None:
+    """``(split, index)`` of a done-marker (stats) file name or URL, or None when it is not one."""
+    m = _STATS_RE.match(name.rsplit("/", 1)[-1])
+    return (m["split"], int(m["index"])) if m else None
+
+
+def _list_indexed(root: str, split: str, parse) -> dict[int, str]:
+    """``{index: url}`` of the files directly in ``{root}/{split}`` whose name ``parse`` maps to
+    ``(split, index)`` (one listing; hidden files are left out; ``{}`` when the folder is missing)."""
+    d = split_dir(root, split)
+    if not storage.exists(d):
+        return {}
+    out = {}
+    for url in storage.list_files(d, recursive=False):
+        parsed = parse(url)
+        if parsed is not None and parsed[0] == split:
+            out[parsed[1]] = url
+    return out
+
+
+def list_done_markers(root: str, split: str) -> dict[int, str]:
+    """``{index: stats url}`` of the split's finished shards: one listing of ``{root}/{split}``, not one
+    request per shard. A stats file is written only after its tar is in place, so these shards are whole."""
+    return _list_indexed(root, split, parse_stats_name)
+
+
+def list_shard_tars(root: str, split: str) -> dict[int, str]:
+    """``{index: tar url}`` of the split's shard tars, done or not (one listing of ``{root}/{split}``)."""
+    return _list_indexed(root, split, parse_shard_name)
+
+
+def list_temporaries(root: str, split: str) -> list[str]:
+    """URLs of the hidden ``.{split}-NNNNNN.tar.tmp-*`` / ``.{split}-NNNNNN.stats.json.tmp-*`` files that an
+    unfinished atomic write of a shard or its done marker leaves (readers ignore them); sorted."""
+    d = split_dir(root, split)
+    if not storage.exists(d):
+        return []
+    fs, path = storage.get_fs(d)
+    out = []
+    for p in sorted(fs.ls(path, detail=False)):
+        m = _TEMP_RE.match(p.rsplit("/", 1)[-1])
+        target = m and (parse_shard_name(m["target"]) or parse_stats_name(m["target"]))
+        if target and target[0] == split:
+            out.append(storage.full_url(fs, p))
+    return out
 
 
 def brace_pattern(root: str, split: str, indices: Iterable[int]) -> str:
@@ -392,24 +449,14 @@ def done_shards(root: str, split: str) -> dict[int, dict]:
 
     Returns ``{index: stats-or-manifest entry}``.
     """
-    from fsspec.core import url_to_fs
-
-    from polymae.datasets.storage import full_url, read_json
-
     out: dict[int, dict] = {}
     murl = manifest_url(root, split)
-    fs, mpath = url_to_fs(murl)
-    if fs.exists(mpath):
-        for s in read_json(murl).get("shards", []):
+    if storage.exists(murl):
+        for s in storage.read_json(murl).get("shards", []):
             out[int(s["index"])] = s
-    d = split_dir(root, split)
-    fs, dpath = url_to_fs(d)
-    if fs.exists(dpath):
-        for path in sorted(fs.ls(dpath, detail=False)):
-            url = full_url(fs, path)
-            m = re.search(r"-(\d{6})\.stats\.json$", url)
-            if m and int(m.group(1)) not in out:
-                out[int(m.group(1))] = read_json(url)
+    for index, url in list_done_markers(root, split).items():
+        if index not in out:
+            out[index] = storage.read_json(url)
     return out
 
 

@@ -15,7 +15,8 @@ import argparse
 from typing import Sequence
 
 from polymae.jobs.common import run_job
-from polymae.pipeline.label.driver import LabelConfig, run_label
+from polymae.pipeline.label.config import LabelConfig
+from polymae.pipeline.label.driver import run_label
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

@@ -53,11 +53,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from polymae.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from polymae.patches import global_torch_seed, hf_config_extras, quiet_transformers
 
 log = logging.getLogger("polymae.teachers")
 
 DEPTH_KINDS = ("relative_inverse", "metric")
+PRECISIONS = ("auto", "fp32", "bf16")
 MAX_ASPECT = 4.0
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
 
@@ -134,14 +136,16 @@ class Teacher:
     Attributes:
         name: registry name; ``task``: ``"depth"`` or ``"semseg"``; ``revision``: ``sha256:<hex>`` of the
         weight files (loaded) or of the state dict (tiny builds); ``random_init``: weights are random;
-        ``short_side``/``multiple``/``square``: the resolution policy (pixels); ``device``: torch device.
+        ``short_side``/``multiple``/``square``: the resolution policy (pixels); ``device``: torch device;
+        ``precision``: as given (see :func:`autocast_dtype`); ``autocast_dtype``: the forward pass's
+        autocast dtype, ``None`` = float32.
     """
 
     task = ""
 
     def __init__(self, spec: "TeacherSpec", model: torch.nn.Module, processor: Any, *, revision: str,
                  random_init: bool, source: str, short_side: int | None = None, device: str = "cpu",
-                 batch_size: int = 8):
+                 batch_size: int = 8, precision: str = "auto"):
         self.spec = spec
         self.name = spec.name
         self.model = model.eval()
@@ -154,6 +158,8 @@ class Teacher:
         self.square = spec.square(model.config)
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device(resolve_device(device))
+        self.precision = precision
+        self.autocast_dtype = autocast_dtype(precision, self.device.type)
         self.model.to(self.device)
         mean = torch.tensor(list(getattr(processor, "image_mean", (0.5, 0.5, 0.5))), dtype=torch.float32)
         std = torch.tensor(list(getattr(processor, "image_std", (0.5, 0.5, 0.5))), dtype=torch.float32)
@@ -166,9 +172,9 @@ class Teacher:
         return fit_size(height, width, self.short_side, self.multiple, square=self.square)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def resize_input(self, image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
         """The image resized to this teacher's input size, before normalisation.
@@ -262,7 +268,7 @@ class Teacher:
             "name": self.name, "task": self.task, "architecture": type(self.model).__name__,
             "revision": self.revision, "random_init": self.random_init, "source": self.source,
             "short_side": self.short_side, "multiple": self.multiple, "square": self.square,
-            "device": self.device.type, "dtype": "bfloat16" if self.device.type == "cuda" else "float32",
+            "device": self.device.type, "dtype": "bfloat16" if self.autocast_dtype is torch.bfloat16 else "float32",
         }
 
     def save_pretrained(self, path: str) -> None:
@@ -399,10 +405,6 @@ class TeacherSpec:
         return getattr(transformers, self.processor_class)
 
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def _tiny_dpt(num_labels: int):
     from transformers import DPTConfig, DPTImageProcessor
 
@@ -420,7 +422,7 @@ def _tiny_depth_anything(num_labels: int):
     cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32, 48, 64],
                               fusion_hidden_size=32, head_hidden_size=16, patch_size=14)
     proc = DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                             image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD)
+                             image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     return cfg, proc
 
 
@@ -509,6 +511,31 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of a teacher's forward pass: ``"auto"`` = bfloat16 on CUDA, float32 (no autocast,
+    ``None``) elsewhere; ``"fp32"`` = float32 everywhere; ``"bf16"`` = bfloat16 autocast on any device.
+
+    Raises:
+        ValueError: ``precision`` not in :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def check_revision(name: str, source: str, expected: str | None, actual: str) -> None:
+    """Refuse weights whose revision (``sha256:<hex>``, see :func:`weights_sha256`) is not the expected one;
+    ``expected=None`` accepts any.
+
+    Raises:
+        ValueError: naming the teacher, the weights and both revisions.
+    """
+    if expected is not None and expected != actual:
+        raise ValueError(f"teacher {name!r}: expected revision {expected}, but {source} has revision {actual}")
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -663,16 +690,17 @@ def calibrate_depth_output(model: torch.nn.Module, size: int, seed: int, mean: f
 
 
 def build_tiny(name: str, seed: int = 0, *, num_labels: int = 150, short_side: int | None = None,
-               device: str = "cpu", batch_size: int = 8) -> Teacher:
+               device: str = "cpu", batch_size: int = 8, precision: str = "auto") -> Teacher:
     """The registry architecture ``name`` from a tiny config with random weights drawn from ``seed``.
 
     Same ``seed`` → bit-identical weights in every process (so every Ray worker labels alike). Semseg
     teachers get ``num_labels`` classes named ``class_000``... and label set ``random-{num_labels}``.
     Depth teachers get O(1) outputs (:func:`calibrate_depth_output`; recorded in the metadata as
-    ``output_calibration``). The global torch RNG is left untouched.
+    ``output_calibration``). The global torch RNG is left untouched. ``short_side`` (pixels),
+    ``device``, ``batch_size`` and ``precision`` as in :class:`Teacher`.
 
     Raises:
-        KeyError: unknown ``name``.
+        KeyError: unknown ``name``. ValueError: unknown ``precision``.
     """
     spec = get_spec(name)
     cfg, processor = spec.tiny(num_labels)
@@ -686,24 +714,31 @@ def build_tiny(name: str, seed: int = 0, *, num_labels: int = 150, short_side: i
         hf_config_extras(model.config, polymae_output_calibration=calibrate_depth_output(
             model, round_to_multiple(64, spec.multiple), seed))
     return _make(spec, model, processor, revision=state_dict_sha256(model), random_init=True,
-                 source=f"tiny:seed={seed}", short_side=short_side, device=device, batch_size=batch_size)
+                 source=f"tiny:seed={seed}", short_side=short_side, device=device, batch_size=batch_size,
+                 precision=precision)
 
 
 def load_teacher(name: str, weights: str | None = None, *, seed: int = 0, short_side: int | None = None,
-                 device: str = "cpu", batch_size: int = 8, cache_dir: str | None = None) -> Teacher:
+                 device: str = "cpu", batch_size: int = 8, cache_dir: str | None = None, precision: str = "auto",
+                 revision: str | None = None) -> Teacher:
     """Load teacher ``name`` from ``weights`` (a ``save_pretrained`` folder or an fsspec URL of one), or
-    build the tiny random one (:func:`build_tiny`) when ``weights`` is ``None``.
+    build the tiny random one (:func:`build_tiny`, from ``seed``) when ``weights`` is ``None``.
 
     Loading uses ``from_pretrained(path, local_files_only=True)``; the image processor comes from the
-    folder's ``preprocessor_config.json`` when present, else the class defaults.
+    folder's ``preprocessor_config.json`` when present, else the class defaults. ``short_side``: input
+    short side in pixels (``None``: the registry default); ``precision``: see :func:`autocast_dtype`;
+    ``revision``: the expected ``sha256:<hex>`` revision (``None``: any), checked before the model loads.
 
     Raises:
         KeyError: unknown ``name``. FileNotFoundError: missing folder/weights. ValueError: the folder holds
-        another architecture.
+        another architecture, the revision differs from ``revision`` (both named), or unknown ``precision``.
     """
     spec = get_spec(name)
     if weights is None:
-        return build_tiny(name, seed, short_side=short_side, device=device, batch_size=batch_size)
+        teacher = build_tiny(name, seed, short_side=short_side, device=device, batch_size=batch_size,
+                             precision=precision)
+        check_revision(name, teacher.source, revision, teacher.revision)
+        return teacher
 
     folder = materialise(weights, cache_dir)
     cfg_path = os.path.join(folder, "config.json")
@@ -714,6 +749,8 @@ def load_teacher(name: str, weights: str | None = None, *, seed: int = 0, short_
     expected = spec.model_cls().config_class.model_type
     if model_type != expected:
         raise ValueError(f"teacher {name!r} wants a {expected!r} checkpoint, {weights} holds {model_type!r}")
+    actual = weights_sha256(folder)
+    check_revision(name, weights, revision, actual)
     pp_path = os.path.join(folder, "preprocessor_config.json")
     extra: dict[str, Any] = {}
     with quiet_transformers():
@@ -729,6 +766,6 @@ def load_teacher(name: str, weights: str | None = None, *, seed: int = 0, short_
         if spec.name == "oneformer":
             extra["task_token_ids"] = _task_token_ids(folder, model.config)
     model.eval()
-    return _make(spec, model, processor, revision=weights_sha256(folder),
+    return _make(spec, model, processor, revision=actual,
                  random_init=bool(getattr(model.config, "polymae_random_init", False)), source=weights,
-                 short_side=short_side, device=device, batch_size=batch_size, **extra)
+                 short_side=short_side, device=device, batch_size=batch_size, precision=precision, **extra)

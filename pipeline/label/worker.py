@@ -2,42 +2,31 @@
 batches, and write the shard tar + its done marker (``label_shard``); ``LabelWorker`` is the Ray actor
 that holds the teachers (loaded once per worker) and labels the shards the driver sends it.
 
-The driver, the plan and the config are in ``pipeline/label/driver.py``.
+The driver is ``pipeline/label/driver.py``, the config ``pipeline/label/config.py``, the actor pool
+``pipeline/label/scheduler.py``.
 """
 
 from __future__ import annotations
+
 import collections
+import contextlib
 import logging
 import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
 import numpy as np
+
 from polymae.datasets import shards as S
 from polymae.datasets import storage
 from polymae.datasets.sources import SourceEntry, iter_bytes
+from polymae.patches import environment
+from polymae.pipeline.label.config import slot_task
 
 log = logging.getLogger("polymae.label")
-
-
-def teacher_list(value: str | None) -> list[str]:
-    """Teacher names of a ``depth_teacher``/``semseg_teacher`` value: ``"dpt, depth_anything"`` →
-    ``["dpt", "depth_anything"]``; ``"none"`` (or ``None``) → ``[]``."""
-    items = [v.strip() for v in str(value if value is not None else "none").split(",")]
-    return [] if items == ["none"] else items
-
-
-def teacher_slot(task: str, name: str, primary: bool) -> str:
-    """Key of a teacher in the job's teacher dicts, stats and manifest: ``task`` for the primary teacher,
-    ``{task}.{name}`` (its member name without ``.png``) for a further one."""
-    return task if primary else S.member(task, name)[: -len(".png")]
-
-
-def slot_task(slot: str) -> str:
-    """``depth``/``semseg`` of a teacher slot (see :func:`teacher_slot`)."""
-    return slot.split(".", 1)[0]
 
 
 @dataclass
@@ -58,6 +47,8 @@ class ShardJob:
 
 
 PREFETCH_BATCHES = 2  # decoded batches waiting for the teacher stage (bounds the worker's memory)
+
+
 def teacher_brief(meta: dict) -> dict:
     """The part of a teacher's metadata stored in every sample's ``json``: name, revision, random-init
     flag, depth kind or label set."""
@@ -221,7 +212,8 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
 
     Args:
         job: the shard.
-        teachers: ``{slot: Teacher}`` (see :func:`teacher_slot`): ``depth``/``semseg`` for the primary
+        teachers: ``{slot: Teacher}`` (see :func:`~polymae.pipeline.label.config.teacher_slot`):
+            ``depth``/``semseg`` for the primary
             teachers (either may be absent), ``depth.<name>``/``semseg.<name>`` for further ones.
     Returns:
         the stats dict written to ``job.stats_url``: ``samples_in``, ``written``, ``skipped`` (by reason),
@@ -236,136 +228,169 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         whatever the writer, the reader or ``load_rgb`` raises other than a per-image skip (the tar is
         then removed, no stats file is written).
     """
-    t_start = time.time()
-    cpu_start = time.process_time()
-    busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", "resize", *teachers, "encode", "write")}
-    rows: dict[str, dict] = {}
-    metas = {slot: t.metadata() for slot, t in teachers.items()}
-    briefs = {slot: teacher_brief(m) for slot, m in metas.items()}
-    primary_briefs = {slot: b for slot, b in briefs.items() if slot == slot_task(slot)}
-    n = len(job.entries)
-    wait = 0.0
-
-    def skip(e: SourceEntry, reason: str, detail: str, size: tuple[int, int] | None = None) -> None:
-        rows[e.key] = {"key": e.key, "cls": e.cls, "width": size[1] if size else None,
-                       "height": size[0] if size else None, "skipped": reason, "detail": detail[:300]}
-
+    labeller = _ShardLabeller(job, teachers)
     writer = S.ShardTarWriter(job.url)
     try:
         with _Prefetcher(job, teachers) as prefetch:
-            if True:  # the teacher stage
-                for decoded in prefetch.batches():
-                    good: list[_Decoded] = []
-                    for d in decoded:
-                        busy["decode"] += d.decode_s
-                        busy["resize"] += d.resize_s
-                        if d.skip is not None:
-                            skip(d.entry, *d.skip)
-                        else:
-                            good.append(d)
-                    if not good:
-                        continue
-                    images = [g.rgb for g in good]
-                    preds: dict[str, list] = {}
-                    for slot, teacher in teachers.items():
-                        t0 = time.perf_counter()
-                        preds[slot] = _predict_safely(teacher, images, [g.resized.get(slot) for g in good])
-                        busy[slot] += time.perf_counter() - t0
-                    for j, g in enumerate(good):
-                        _write_sample(job, g, j, teachers, metas, briefs, primary_briefs, preds, writer, busy,
-                                      rows, skip)
-        busy["read"] = prefetch.read_s  # the feeder has stopped
-        wait = prefetch.wait
-        t0 = time.perf_counter()
-        writer.close()
-        busy["write"] += time.perf_counter() - t0
+            for decoded in prefetch.batches():  # the teacher stage
+                labeller.label_batch(decoded, writer)
+        labeller.busy["read"] = prefetch.read_s  # the feeder has stopped
+        labeller.wait = prefetch.wait
+        with labeller.timed("write"):
+            writer.close()
     except BaseException:
         writer.abort()
         raise
-    samples = [rows[e.key] for e in job.entries]
-    skipped = collections.Counter(r["skipped"] for r in samples if r["skipped"])
-    stats = {
-        "schema_version": S.SCHEMA_VERSION, "split": job.split, "index": job.index,
-        "name": S.shard_name(job.split, job.index), "url": job.url,
-        "samples_in": n, "written": writer.count, "skipped": dict(sorted(skipped.items())),
-        "seconds": round(time.time() - t_start, 4),
-        "started": round(t_start, 6), "finished": round(time.time(), 6),
-        "cpu_seconds": round(time.process_time() - cpu_start, 4),
-        "busy_seconds": {k: round(v, 4) for k, v in sorted(busy.items())},
-        "teacher_wait_seconds": round(wait, 4), "decode_threads": job.decode_threads,
-        "teachers": {slot: {k: v for k, v in m.items() if k != "class_names"} for slot, m in metas.items()},
-        "size": writer.bytes_written, "sha256": writer.sha256,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": socket.gethostname(), "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-        "samples": samples,
-    }
+    stats = labeller.stats(writer)
     storage.write_json_atomic(job.stats_url, stats)
     return stats
 
 
-def _write_sample(job: ShardJob, g: _Decoded, j: int, teachers: dict[str, Any], metas: dict, briefs: dict,
-                  primary_briefs: dict, preds: dict[str, list], writer: Any, busy: dict, rows: dict, skip) -> None:
-    """Encode and write the ``j``-th good sample of a batch (or skip it when a teacher failed on it)."""
-    e, rgb, jpeg, data = g.entry, g.rgb, g.jpeg, g.data
-    h, w = rgb.shape[:2]
-    errors = [f"{slot}: {type(p[j]).__name__}: {p[j]}" for slot, p in preds.items() if isinstance(p[j], Exception)]
-    if errors:
-        skip(e, "teacher_error", "; ".join(errors), (h, w))
-        return
-    t0 = time.perf_counter()
-    meta: dict[str, Any] = {
-        "schema_version": S.SCHEMA_VERSION, "key": e.key,
-        "source": {"uri": e.uri, "bytes": len(data), "reencoded": jpeg is not data},
-        "width": w, "height": h, "teachers": primary_briefs,
-        "label_resolution": {slot: list(t.input_size(h, w)) for slot, t in teachers.items()
-                             if slot in primary_briefs},
-    }
-    sample = S.LabelledSample(key=e.key, rgb_jpeg=jpeg, meta=meta, cls=e.cls)
-    if "depth" in teachers:
-        sample.depth = preds["depth"][j]
-        meta["depth"] = {"kind": metas["depth"]["kind"], "teacher": metas["depth"]["name"]}
-    if "semseg" in teachers:
-        sample.semseg = preds["semseg"][j]
-        sample.num_classes = metas["semseg"]["num_classes"]
-        meta["label_set"] = metas["semseg"]["label_set"]
-        meta["semseg"] = {"label_set": metas["semseg"]["label_set"], "teacher": metas["semseg"]["name"]}
-    extra_meta: dict[str, dict] = {}
-    for slot, teacher in teachers.items():
-        if slot in primary_briefs:
-            continue
-        task, m = slot_task(slot), metas[slot]
-        name = S.member(task, m["name"])
-        info = {**briefs[slot], "label_resolution": list(teacher.input_size(h, w))}
-        if task == "depth":
-            png, rng = S.encode_depth(preds[slot][j])
-            info["depth_range"] = rng
-        else:
-            png = S.encode_semseg(preds[slot][j], m["num_classes"])
-            info.update(num_classes=m["num_classes"], ignore_index=m["ignore_index"])
-        sample.extra[name] = png
-        extra_meta[name] = info
-    if extra_meta:
-        meta["extra_teachers"] = extra_meta
-    if e.cls is not None:
-        meta["cls"] = int(e.cls)
-        if job.classes is not None and 0 <= e.cls < len(job.classes):
-            meta["class_name"] = job.classes[e.cls]
-    encoded = sample.encode()
-    busy["encode"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    writer.write(encoded)
-    busy["write"] += time.perf_counter() - t0
-    rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
+class _ShardLabeller:
+    """The teacher stage of one shard and its bookkeeping: every teacher labels a decoded batch, the samples
+    are encoded and written in entry order, and a row per entry (written, or skipped with a reason) and
+    the busy seconds per stage are recorded for the stats file (see :func:`label_shard`)."""
+
+    def __init__(self, job: ShardJob, teachers: dict[str, Any]):
+        self.job, self.teachers = job, teachers
+        self.t_start, self.cpu_start = time.time(), time.process_time()
+        self.busy: dict[str, float] = {k: 0.0 for k in ("read", "decode", "resize", *teachers, "encode", "write")}
+        self.wait = 0.0  # seconds the teacher stage waited for decoded batches
+        self.rows: dict[str, dict] = {}
+        self.metas = {slot: t.metadata() for slot, t in teachers.items()}
+        self.briefs = {slot: teacher_brief(m) for slot, m in self.metas.items()}
+        self.primary_briefs = {slot: b for slot, b in self.briefs.items() if slot == slot_task(slot)}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the seconds the ``with`` block takes to ``busy[stage]``."""
+        t0 = time.perf_counter()
+        yield
+        self.busy[stage] += time.perf_counter() - t0
+
+    def skip(self, e: SourceEntry, reason: str, detail: str, size: tuple[int, int] | None = None) -> None:
+        """Record entry ``e`` as skipped (``size``: ``(height, width)`` when it decoded)."""
+        self.rows[e.key] = {"key": e.key, "cls": e.cls, "width": size[1] if size else None,
+                            "height": size[0] if size else None, "skipped": reason, "detail": detail[:300]}
+
+    def label_batch(self, decoded: list[_Decoded], writer: S.ShardTarWriter) -> None:
+        """Run every teacher on the batch's decoded images and write their samples in entry order."""
+        good: list[_Decoded] = []
+        for d in decoded:
+            self.busy["decode"] += d.decode_s
+            self.busy["resize"] += d.resize_s
+            if d.skip is not None:
+                self.skip(d.entry, *d.skip)
+            else:
+                good.append(d)
+        if not good:
+            return
+        images = [g.rgb for g in good]
+        preds: dict[str, list] = {}
+        for slot, teacher in self.teachers.items():
+            with self.timed(slot):
+                preds[slot] = _predict_safely(teacher, images, [g.resized.get(slot) for g in good])
+        for j, g in enumerate(good):
+            self.write_sample(g, {slot: p[j] for slot, p in preds.items()}, writer)
+
+    def write_sample(self, g: _Decoded, preds: dict[str, np.ndarray | Exception], writer: S.ShardTarWriter) -> None:
+        """Encode and write one decoded entry with its maps ``preds`` (``{slot: map}``), or skip it when a
+        teacher failed on it (``preds`` holds the exception)."""
+        e = g.entry
+        h, w = g.rgb.shape[:2]
+        errors = [f"{slot}: {type(p).__name__}: {p}" for slot, p in preds.items() if isinstance(p, Exception)]
+        if errors:
+            self.skip(e, "teacher_error", "; ".join(errors), (h, w))
+            return
+        with self.timed("encode"):
+            encoded = self._sample(g, preds).encode()
+        with self.timed("write"):
+            writer.write(encoded)
+        self.rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
+
+    def _sample(self, g: _Decoded, preds: dict[str, np.ndarray]) -> S.LabelledSample:
+        """The :class:`~polymae.datasets.shards.LabelledSample` of a decoded entry and its maps."""
+        e, metas = g.entry, self.metas
+        h, w = g.rgb.shape[:2]
+        meta: dict[str, Any] = {
+            "schema_version": S.SCHEMA_VERSION, "key": e.key,
+            "source": {"uri": e.uri, "bytes": len(g.data), "reencoded": g.jpeg is not g.data},
+            "width": w, "height": h, "teachers": self.primary_briefs,
+            "label_resolution": {slot: list(t.input_size(h, w)) for slot, t in self.teachers.items()
+                                 if slot in self.primary_briefs},
+        }
+        sample = S.LabelledSample(key=e.key, rgb_jpeg=g.jpeg, meta=meta, cls=e.cls)
+        if "depth" in self.teachers:
+            sample.depth = preds["depth"]
+            meta["depth"] = {"kind": metas["depth"]["kind"], "teacher": metas["depth"]["name"]}
+        if "semseg" in self.teachers:
+            sample.semseg = preds["semseg"]
+            sample.num_classes = metas["semseg"]["num_classes"]
+            meta["label_set"] = metas["semseg"]["label_set"]
+            meta["semseg"] = {"label_set": metas["semseg"]["label_set"], "teacher": metas["semseg"]["name"]}
+        sample.extra, extra_meta = self._extra_members(h, w, preds)
+        if extra_meta:
+            meta["extra_teachers"] = extra_meta
+        if e.cls is not None:
+            meta["cls"] = int(e.cls)
+            if self.job.classes is not None and 0 <= e.cls < len(self.job.classes):
+                meta["class_name"] = self.job.classes[e.cls]
+        return sample
+
+    def _extra_members(self, h: int, w: int, preds: dict[str, np.ndarray]) -> tuple[dict[str, bytes], dict]:
+        """``({member: png bytes}, {member: info})`` of the further (non-primary) teachers of an image of
+        ``h x w`` pixels; ``info``: brief, ``label_resolution`` and ``depth_range`` (depth) or
+        ``num_classes`` + ``ignore_index`` (semseg)."""
+        members: dict[str, bytes] = {}
+        infos: dict[str, dict] = {}
+        for slot, teacher in self.teachers.items():
+            if slot in self.primary_briefs:
+                continue
+            task, m = slot_task(slot), self.metas[slot]
+            name = S.member(task, m["name"])
+            info = {**self.briefs[slot], "label_resolution": list(teacher.input_size(h, w))}
+            if task == "depth":
+                png, rng = S.encode_depth(preds[slot])
+                info["depth_range"] = rng
+            else:
+                png = S.encode_semseg(preds[slot], m["num_classes"])
+                info.update(num_classes=m["num_classes"], ignore_index=m["ignore_index"])
+            members[name] = png
+            infos[name] = info
+        return members, infos
+
+    def stats(self, writer: S.ShardTarWriter) -> dict:
+        """The shard's stats dict (see :func:`label_shard`) once ``writer`` is closed."""
+        job = self.job
+        samples = [self.rows[e.key] for e in job.entries]
+        skipped = collections.Counter(r["skipped"] for r in samples if r["skipped"])
+        return {
+            "schema_version": S.SCHEMA_VERSION, "split": job.split, "index": job.index,
+            "name": S.shard_name(job.split, job.index), "url": job.url,
+            "samples_in": len(job.entries), "written": writer.count, "skipped": dict(sorted(skipped.items())),
+            "seconds": round(time.time() - self.t_start, 4),
+            "started": round(self.t_start, 6), "finished": round(time.time(), 6),
+            "cpu_seconds": round(time.process_time() - self.cpu_start, 4),
+            "busy_seconds": {k: round(v, 4) for k, v in sorted(self.busy.items())},
+            "teacher_wait_seconds": round(self.wait, 4), "decode_threads": job.decode_threads,
+            "teachers": {slot: {k: v for k, v in m.items() if k != "class_names"} for slot, m in self.metas.items()},
+            "size": writer.bytes_written, "sha256": writer.sha256,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(), "pid": os.getpid(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "samples": samples,
+        }
 
 
 class LabelWorker:
-    """Ray actor body: loads the teachers once (``teacher_specs``: ``{task: load_teacher kwargs}``) and
-    labels shards with :func:`label_shard`. ``threads``: torch intra-op threads. ``nice``: niceness to
-    run at (``None`` keeps the one Ray gave, 15 by default); lowering it may need privileges
-    (``CAP_SYS_NICE``), without which the worker keeps its niceness and logs a warning."""
+    """Ray actor body: loads the teachers once (``teacher_specs``: ``{slot: load_teacher kwargs}``, see
+    ``LabelConfig.teacher_specs``) and labels shards with :func:`label_shard`. ``threads``: torch intra-op
+    threads. ``nice``: niceness to run at (``None`` keeps the one Ray gave, 15 by default); lowering it may
+    need privileges (``CAP_SYS_NICE``), without which the worker keeps its niceness and logs a warning."""
 
     def __init__(self, teacher_specs: dict[str, dict], threads: int = 1, nice: int | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Teachers load from local folders only. The change is kept for the life of the worker process,
+        # which Ray owns and ends with the actor; the handle is kept so that it could be restored.
+        self._offline = environment({"HF_HUB_OFFLINE": "1"})
         import torch
 
         from polymae.pipeline.label.teachers import load_teacher
@@ -377,11 +402,11 @@ class LabelWorker:
                 log.warning("label worker keeps niceness %d (could not set %d: %s)",
                             os.getpriority(os.PRIO_PROCESS, 0), nice, e)
         torch.set_num_threads(max(1, int(threads)))
-        self.teachers = {task: load_teacher(**spec) for task, spec in teacher_specs.items()}
+        self.teachers = {slot: load_teacher(**spec) for slot, spec in teacher_specs.items()}
 
     def metadata(self) -> dict[str, dict]:
-        """``{task: teacher.metadata()}``."""
-        return {task: t.metadata() for task, t in self.teachers.items()}
+        """``{slot: teacher.metadata()}``."""
+        return {slot: t.metadata() for slot, t in self.teachers.items()}
 
     def label(self, job: ShardJob) -> dict:
         """:func:`label_shard`; an exception becomes ``{"index", "error"}`` so the driver knows the shard."""
