@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # library -> the version each patch on it was written and tested for
 WRITTEN_FOR = {"deepspeed": "0.19.8", "webdataset": "1.0.2", "transformers": "5.24.0", "glibc": "2.36",
-               "torch": "2.14.1", "ray": "2.60.0"}
+               "torch": "2.14.1", "torchvision": "0.29.1", "ray": "2.60.0"}
 _warned: set[str] = set()
 
 
@@ -198,6 +198,38 @@ def webdataset_fsspec_schemes(schemes: Iterable[str] = FSSPEC_SCHEMES) -> Applie
     return Applied(f"webdataset.gopen.gopen_schemes {added}", restore)
 
 
+# ---------------------------------------------------------------------------------------- torchvision
+TORCHVISION_IO_DEPRECATION = r"The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
+def silence_torchvision_io_deprecation() -> Applied:
+    """Hide the ``DeprecationWarning`` torchvision 0.29 emits on every ``torchvision.io.decode_jpeg`` /
+    ``decode_png`` call (it points to TorchCodec). The loader decodes with them because libjpeg-turbo through
+    torchvision decodes a 500x375 JPEG in ~0.75 ms against ~1.2 ms through PIL (benchmarks/loader_speed.py),
+    and warning once per sample floods the logs. Adds one filter for that message to ``warnings.filters``;
+    ``restore()`` removes it. Written for torchvision 0.29.1.
+
+    Raises:
+        PatchError: ``torchvision.io`` has no ``decode_jpeg`` (the API this filter is for moved).
+    """
+    import warnings
+
+    import torchvision
+    import torchvision.io
+
+    _check_version("torchvision", torchvision.__version__)
+    _require(torchvision.io, "decode_jpeg", "silence_torchvision_io_deprecation")
+    warnings.filterwarnings("ignore", message=TORCHVISION_IO_DEPRECATION, category=DeprecationWarning)
+    entry = warnings.filters[0]
+
+    def restore() -> None:
+        with contextlib.suppress(ValueError):
+            warnings.filters.remove(entry)
+        warnings._filters_mutated()  # invalidate the per-module "already warned" caches, as filterwarnings does
+
+    return Applied("warnings filter for torchvision.io's deprecation", restore)
+
+
 # ----------------------------------------------------------------------------------------------- glibc
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
 _GLIBC_DEFAULT_TRIM_THRESHOLD, _GLIBC_DEFAULT_MMAP_MAX = 128 * 1024, 65536
@@ -232,8 +264,9 @@ def keep_freed_host_memory(trim_threshold: int = 2**31 - 1) -> Applied | None:
     equivalents of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``. Cost: the process keeps its peak host
     footprint. Applies to blocks allocated from then on. Written for glibc 2.36.
 
-    ``restore()`` sets glibc's documented defaults back (``M_MMAP_MAX`` 65536, ``M_TRIM_THRESHOLD`` 128 KiB);
-    glibc's dynamic mmap threshold stays off once either was set (mallopt(3)).
+    ``restore()`` sets glibc's documented defaults back (``M_MMAP_MAX`` 65536, ``M_TRIM_THRESHOLD`` 128 KiB) and
+    returns the kept free memory to the OS (``malloc_trim(0)``); glibc's dynamic mmap threshold stays off once
+    either was set (mallopt(3)).
 
     Returns:
         the handle, or None (nothing changed) on a C library other than glibc or a non-Linux system.
@@ -249,6 +282,7 @@ def keep_freed_host_memory(trim_threshold: int = 2**31 - 1) -> Applied | None:
     def restore() -> None:
         libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)  # hand back what was kept, so large blocks are mapped afresh as by default
 
     return Applied("glibc mallopt(M_MMAP_MAX, M_TRIM_THRESHOLD)", restore)
 
@@ -269,6 +303,28 @@ def signal_handlers(handler: Callable[[int, Any], None], signals: Iterable[int] 
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
     return Applied(f"signal handlers {[signal.Signals(s).name for s in previous]}", restore)
+
+
+def kill_daemon_children_at_exit() -> Applied:
+    """Register an ``atexit`` hook that SIGKILLs this process's remaining daemonic ``multiprocessing``
+    children (data-loader workers) before ``multiprocessing``'s own exit hook joins them.
+
+    Loader workers ignore SIGTERM (Slurm signals every process of a job step; see
+    ``polymae.datasets.loader.ignore_preemption_signals``), and ``multiprocessing`` ends daemonic children at
+    interpreter exit with SIGTERM and then waits for them: without this hook a process whose loader iterator
+    was not shut down before exit would wait forever. ``atexit`` runs hooks last-registered first, and
+    ``multiprocessing`` registers its hook at import, so this one runs before it. ``restore()`` unregisters it.
+    """
+    import atexit
+    import multiprocessing
+
+    def kill_children() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill_children)
+    return Applied("atexit: SIGKILL daemonic children", lambda: atexit.unregister(kill_children))
 
 
 def global_torch_seed(seed: int) -> Applied:

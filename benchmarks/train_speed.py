@@ -6,29 +6,28 @@ in one process, so the variants share the machine's conditions:
 * ``plain``: the model built as the Trainer builds it (same seed, ``create_model`` +
   ``model_kwargs``), ``make_optimizer(model, cfg)`` (fused AdamW on ``param_groups``), and per step: set the lr from
   ``lr_at``, forward, ``loss.backward(); opt.step(); opt.zero_grad()``, ``loss.item()``.
-* ``polymae ZeRO-2`` / ``polymae ZeRO-0``: ``polymae.pipeline.train.trainer.Trainer.train()`` itself, with
-  its DeepSpeed engine, per-step loss all-reduce, metrics.jsonl and TensorBoard logging. Two
-  benchmark-only changes, made in a subclass: its loader is replaced by the same in-memory batches the
-  plain loop gets, and ``_save`` is a no-op (checkpoint I/O is not training speed). To run the steps in
-  windows, ``train()`` is called once per window: the first call builds everything (``Trainer._setup``),
-  later calls continue at the next step, and the window ends through the Trainer's own preemption
-  path (the in-memory loader raises the stop flag when it hands out the window's last batch).
+* ``polymae ZeRO-2`` / ``polymae ZeRO-0``: polymae's ``Trainer`` (``polymae.pipeline.train.trainer``) through its
+  public API, as ``Trainer.train()`` composes it: ``setup()`` once (DeepSpeed engine, patches), then per window,
+  inside ``process_settings()`` and a ``metrics_logger()``, ``train_step(batches, step)`` (per-step loss
+  all-reduce) and ``MetricsLogger.record`` (metrics.jsonl, TensorBoard, progress bar) for each step. Left out
+  of ``train()``'s loop: checkpoint writes (checkpoint I/O is not training speed). Its batches are the same
+  in-memory batches the plain loop gets.
 * ``polymae ZeRO-2 + ShardStream`` (``--loader``, on by default): as ZeRO-2 but fed by the Trainer's real
-  ``ShardStream`` loader over synthetic shards written to a temporary folder (JPEG/PNG decode + augment
-  in this process, ``data.num_workers=0``), i.e. including data loading. Its data differs, so its
-  losses are not compared.
+  ``ShardStream`` loader (``Trainer.loader``) over synthetic shards written to a temporary folder (JPEG/PNG
+  decode + augment in this process, ``data.num_workers=0``), i.e. including data loading. Its data differs, so
+  its losses are not compared.
 
 Same batches (pre-decoded once from the same synthetic shards through ``ShardStream``; step ``s`` uses
-batch ``s mod pool``), same masks (every variant draws them from ``Trainer._mask_generator(step, 0)``),
+batch ``s mod pool``), same masks (every variant draws them from ``recipe.mask_generator(seed, step, 0, rank)``),
 same lr schedule (``lr_at`` with the same config), same initial weights. As a check, the per-step losses
 of the in-memory variants are compared (fp32 DeepSpeed at world 1 matches plain PyTorch to ~1e-6).
 
 Timing: each variant first runs ``--warmup`` untimed steps, then ``--repeats`` rounds; in every round each
 variant runs the same ``--steps`` steps, in an order rotated each round (A B C, B C A, ...), so slow
 periods caused by other load on the machine hit all variants alike. A window is timed from the request
-for its first batch until its last step has finished; for the Trainer that is until ``train()`` returns
-(per-step metrics/TensorBoard logging and the writer's close included; the writer's and progress bar's
-creation at the start of each ``train()`` call excluded). Reported: median over
+for its first batch until its last step has finished; for the Trainer that is until its metrics logger is
+closed (per-step metrics/TensorBoard logging and the writer's close included; the writer's and progress bar's
+creation at the start of each window excluded, as at the start of ``train()``). Reported: median over
 rounds of images/s (= steps x micro-batch / seconds), min-max, and the ratio of medians polymae / plain
 with the target >= 0.95.
 """
@@ -46,7 +45,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -113,6 +111,9 @@ class Variant:
     def run(self, first_step: int, n_steps: int) -> float:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the variant changed in the process (nothing by default)."""
+
     losses: dict[int, float]
 
 
@@ -120,32 +121,18 @@ class PlainLoop(Variant):
     """Plain PyTorch: the Trainer's model, param groups, lr schedule and masks, no DeepSpeed."""
 
     def __init__(self, cfg, pool: list[dict]):
-        from polymae.models.multimae import create_model
-        from polymae.pipeline.train.trainer import lr_at, make_optimizer, model_kwargs, shard_label_info
+        from polymae.pipeline.train.recipe import make_optimizer
 
         self.name = "plain PyTorch (AdamW)"
-        self.cfg, self.pool, self.lr_at = cfg, pool, lr_at
-        n_cls, ignore = shard_label_info(cfg.data.shards, cfg.data.split)
-        torch.manual_seed(cfg.train.seed)
-        self.model = create_model(f"{cfg.model.arch}_{cfg.model.preset}", **model_kwargs(cfg, n_cls, ignore))
+        self.cfg, self.pool = cfg, pool
+        self.model = build_model(cfg)
         self.opt = make_optimizer(self.model, cfg)  # the same (fused) AdamW as the Trainer
-        self.mods = list(cfg.model.modalities)
         self.losses = {}
 
     def run(self, first_step: int, n_steps: int) -> float:
-        from polymae.pipeline.train.trainer import Trainer
-
-        cfg, m = self.cfg, self.cfg.model
-        ident = SimpleNamespace(cfg=cfg, rank=0)
         t0 = time.perf_counter()
         for step in range(first_step, first_step + n_steps):
-            lr = self.lr_at(step, cfg)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            batch = self.pool[step % len(self.pool)]
-            out = self.model({k: batch[k] for k in self.mods}, num_visible=m.num_visible, alphas=m.alpha,
-                             sample_tasks_uniform=m.sample_tasks_uniform,
-                             generator=Trainer._mask_generator(ident, step, 0))
+            out = plain_forward(self.model, self.opt, self.cfg, self.pool[step % len(self.pool)], step, rank=0)
             out.loss.backward()
             self.opt.step()
             self.opt.zero_grad()
@@ -153,108 +140,109 @@ class PlainLoop(Variant):
         return time.perf_counter() - t0
 
 
-class _Window:
-    """A loader for one ``train()`` call: hands out the batches of steps ``[first, first + n)`` and raises the
-    Trainer's stop flag with the last one, so ``train()`` returns after that step (its preemption path).
-    Records when the first batch was requested (``t_start``)."""
+def build_model(cfg):
+    """The model as the Trainer builds it (seeded by ``train.seed``, ``create_model`` + ``model_kwargs``)."""
+    from polymae.models.multimae import create_model
+    from polymae.pipeline.train.data import shard_label_info
+    from polymae.pipeline.train.recipe import model_kwargs
 
-    def __init__(self, trainer, source, first: int, n: int):
-        self.trainer, self.source, self.first, self.n = trainer, source, first, n
-        self.t_start = None
-
-    def __iter__(self):
-        for i in range(self.n * self.trainer.ga):
-            if self.t_start is None:
-                self.t_start = time.perf_counter()
-            if i == self.n * self.trainer.ga - 1:
-                self.trainer._stop = True
-            yield self.source(self.first + i // self.trainer.ga)
+    n_cls, ignore = shard_label_info(cfg.data.shards, cfg.data.split)
+    torch.manual_seed(cfg.train.seed)
+    return create_model(cfg.model.model_name, **model_kwargs(cfg, n_cls, ignore))
 
 
-def _bench_trainer_class():
-    from polymae.pipeline.train.trainer import Trainer
+def plain_forward(model, opt, cfg, batch: dict, step: int, rank: int):
+    """A plain loop's step up to the loss: lr of ``step`` set on ``opt``, forward on ``batch`` with the Trainer's
+    masking arguments and mask generator. Returns the model output."""
+    from polymae.pipeline.train.recipe import lr_at, mask_generator, masking_kwargs
 
-    class BenchTrainer(Trainer):
-        """``Trainer`` with an injectable loader, resumable windows and no checkpoint writes."""
+    lr = lr_at(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    from polymae.datasets.transforms import to_model_inputs
 
-        window: _Window | None = None
-        _built = False
-
-        def _setup(self) -> None:
-            if not self._built:
-                super()._setup()
-                self._built = True
-                self.real_loader = self.loader
-            self.start_step = self.window.first
-            self._stop = False
-            self.loader = self.window
-
-        def _save(self, step: int) -> None:  # checkpoint I/O excluded from training speed
-            pass
-
-    return BenchTrainer
+    return model(to_model_inputs(batch, "cpu", cfg.model.active_modalities()),
+                 generator=mask_generator(cfg.train.seed, step, 0, rank), **masking_kwargs(cfg.model))
 
 
 class PolymaeTrainer(Variant):
-    """``Trainer.train()`` over in-memory batches (``pool``) or over its own ShardStream (``pool=None``)."""
+    """polymae's ``Trainer`` (built once) over in-memory batches (``pool``) or over its own ShardStream
+    (``pool=None``): per window, what ``Trainer.train()`` runs per step except checkpoint writes."""
 
     def __init__(self, cfg, pool: list[dict] | None, label: str):
+        from polymae.pipeline.train.trainer import Trainer
+
         self.name, self.cfg, self.pool = label, cfg, pool
-        self.trainer = _bench_trainer_class()(cfg)
+        self.trainer = Trainer(cfg)
+        self.trainer.setup()
         self.losses = {}
         self._stream_it = None
 
-    def _batch(self, step: int) -> dict:
-        if self.pool is not None:
-            return self.pool[step % len(self.pool)]
-        if self._stream_it is None:
-            self._stream_it = iter(self.trainer.real_loader)
-        return next(self._stream_it)
+    def _batches(self, first: int, n: int):
+        """The micro-batches of steps ``[first, first + n)`` (gradient accumulation: ``ga`` per step)."""
+        for i in range(n * self.trainer.ga):
+            if self.pool is not None:
+                yield self.pool[(first + i // self.trainer.ga) % len(self.pool)]
+            else:
+                if self._stream_it is None:
+                    self._stream_it = iter(self.trainer.loader)
+                yield next(self._stream_it)
 
     def run(self, first_step: int, n_steps: int) -> float:
-        from polymae.pipeline.train.trainer import summary_from_metrics
-
         tr = self.trainer
-        tr.window = _Window(tr, self._batch, first_step, n_steps)
-        with contextlib.redirect_stderr(io.StringIO()):  # the Trainer's tqdm bar
-            tr.train()
-        t1 = time.perf_counter()
-        for r in summary_from_metrics(self.cfg.output):
-            self.losses[r["step"] - 1] = r["loss"]
-        return t1 - tr.window.t_start
+        batches = self._batches(first_step, n_steps)
+        with tr.process_settings(), contextlib.redirect_stderr(io.StringIO()):  # the logger's tqdm bar
+            with tr.metrics_logger(first_step) as logger:
+                t0 = time.perf_counter()
+                for step in range(first_step, first_step + n_steps):
+                    result = tr.train_step(batches, step)
+                    logger.record(result.metrics)
+                    self.losses[step] = result.metrics["loss"]
+            t1 = time.perf_counter()
+        return t1 - t0
+
+    def close(self) -> None:
+        """Undo the Trainer's process-global changes."""
+        self.trainer.close()
 
 
 class EngineLoop(Variant):
-    """The Trainer's DeepSpeed engine (built by ``Trainer._setup``) driven by a bare loop: lr, forward,
+    """The Trainer's DeepSpeed engine (built by ``Trainer.setup``) driven by a bare loop: lr, ``Trainer.forward``,
     ``engine.backward``, ``engine.step``, ``loss.item()``; separates DeepSpeed's cost from the Trainer's."""
 
     def __init__(self, cfg, pool: list[dict], label: str):
-        from polymae.pipeline.train.trainer import lr_at
+        from polymae.pipeline.train.trainer import Trainer
 
-        self.name, self.cfg, self.pool, self.lr_at = label, cfg, pool, lr_at
-        self.trainer = _bench_trainer_class()(cfg)
-        self.trainer.window = _Window(self.trainer, lambda step: pool[step % len(pool)], 0, 0)
-        self.trainer._setup()
+        self.name, self.cfg, self.pool = label, cfg, pool
+        self.trainer = Trainer(cfg)
+        self.trainer.setup()
         self.losses = {}
 
     def run(self, first_step: int, n_steps: int) -> float:
-        tr, ga = self.trainer, self.trainer.ga
+        from polymae.pipeline.train.recipe import lr_at
+
+        tr = self.trainer
         t0 = time.perf_counter()
         for step in range(first_step, first_step + n_steps):
-            lr = self.lr_at(step, self.cfg)
+            lr = lr_at(step, self.cfg)
             for g in tr.engine.optimizer.param_groups:
                 g["lr"] = lr
-            for micro in range(ga):
-                out = tr._forward(tr._inputs(self.pool[step % len(self.pool)]), tr._mask_generator(step, micro))
+            for micro in range(tr.ga):
+                out = tr.forward(self.pool[step % len(self.pool)], step, micro)
                 tr.engine.backward(out.loss)
                 tr.engine.step()
                 self.losses[step] = out.loss.item()
         return time.perf_counter() - t0
 
+    def close(self) -> None:
+        """Undo the Trainer's process-global changes."""
+        self.trainer.close()
+
 
 def make_config(args, root: str, out: str, stage: int, total_steps: int, world: int = 1):
     """The benchmark's ``PretrainConfig``: micro-batch ``args.batch`` per rank, global batch ``args.batch x world``."""
-    from polymae.pipeline.train.trainer import PretrainConfig
+    from polymae.pipeline.train.config import PretrainConfig
+    from polymae.pipeline.config import validate_tree
 
     cfg = PretrainConfig()
     cfg.output = out
@@ -272,7 +260,7 @@ def make_config(args, root: str, out: str, stage: int, total_steps: int, world: 
     cfg.train.steps = total_steps
     cfg.train.save_interval = 10**9
     cfg.train.keep_host_memory = getattr(args, "host_malloc", "keep") == "keep"
-    cfg.validate()
+    validate_tree(cfg)
     return cfg
 
 
@@ -353,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                 v = variants[(r + k) % len(variants)]
                 times[v.name].append(v.run(first, args.steps))
         loss_gap = max(abs(v.losses[s] - variants[0].losses[s]) for v in in_memory[1:] for s in range(total))
+        for v in reversed(variants):
+            v.close()
         wall = time.perf_counter() - t_all
 
     cfg = cfgs["plain"]

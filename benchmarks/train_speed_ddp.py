@@ -10,13 +10,14 @@ thread. All variants live in the same processes and the same (gloo) process grou
   fused AdamW on ``param_groups``), and per step: lr from ``lr_at``, forward, ``loss.backward(); opt.step();
   opt.zero_grad()``, then the step's mean loss over both ranks with one ``all_reduce`` (the Trainer logs the
   same number, with one all-reduce per step too).
-* ``polymae Trainer ZeRO-2`` / ``ZeRO-0`` (``--stages``, ZeRO-1 optional): ``Trainer.train()`` itself, with the
-  benchmark-only subclass of ``train_speed.py`` (in-memory batches, no checkpoint writes, windows ended
-  through the Trainer's own SIGTERM-flag stop path).
+* ``polymae Trainer ZeRO-2`` / ``ZeRO-0`` (``--stages``, ZeRO-1 optional): the ``Trainer`` through its public
+  API, as in ``train_speed.py`` (``setup()`` once, then per window ``train_step`` + ``MetricsLogger.record`` for
+  each step inside ``process_settings()``: what ``train()`` runs per step, minus checkpoint writes), fed the
+  in-memory batches.
 
 Data: rank 0 writes synthetic shards once; every rank decodes the same ``--pool x 2`` micro-batches through
 ``ShardStream`` and keeps every second one from its rank on, so the ranks' batches are disjoint and the
-same for every variant (step ``s`` uses the rank's batch ``s mod pool``). Masks: ``Trainer._mask_generator``
+same for every variant (step ``s`` uses the rank's batch ``s mod pool``). Masks: ``recipe.mask_generator``
 (seeded by step, micro-step and rank) for every variant. Check: the all-reduced mean loss per step of each
 Trainer variant vs DDP (fp32: expect ~1e-6).
 
@@ -37,14 +38,13 @@ import sys
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch import relaunch  # noqa: E402
 from train_speed import (TARGET, PolymaeTrainer, Variant, add_host_malloc_arg, apply_host_malloc,  # noqa: E402
-                         decode_pool, host_malloc_text, make_config, write_shards)
+                         build_model, decode_pool, host_malloc_text, make_config, plain_forward, write_shards)
 
 
 class DDPLoop(Variant):
@@ -53,35 +53,21 @@ class DDPLoop(Variant):
     def __init__(self, cfg, pool: list[dict], rank: int):
         from torch.nn.parallel import DistributedDataParallel
 
-        from polymae.models.multimae import create_model
-        from polymae.pipeline.train.trainer import lr_at, make_optimizer, model_kwargs, shard_label_info
+        from polymae.pipeline.train.recipe import make_optimizer
 
         self.name = "plain PyTorch DDP (AdamW)"
-        self.cfg, self.pool, self.lr_at, self.rank = cfg, pool, lr_at, rank
-        n_cls, ignore = shard_label_info(cfg.data.shards, cfg.data.split)
-        torch.manual_seed(cfg.train.seed)
-        self.module = create_model(f"{cfg.model.arch}_{cfg.model.preset}", **model_kwargs(cfg, n_cls, ignore))
+        self.cfg, self.pool, self.rank = cfg, pool, rank
+        self.module = build_model(cfg)
         self.model = DistributedDataParallel(self.module)
         self.opt = make_optimizer(self.module, cfg)
-        self.mods = list(cfg.model.modalities)
         self.losses = {}
 
     def run(self, first_step: int, n_steps: int) -> float:
         import torch.distributed as dist
 
-        from polymae.pipeline.train.trainer import Trainer
-
-        cfg, m = self.cfg, self.cfg.model
-        ident = SimpleNamespace(cfg=cfg, rank=self.rank)
         t0 = time.perf_counter()
         for step in range(first_step, first_step + n_steps):
-            lr = self.lr_at(step, cfg)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            batch = self.pool[step % len(self.pool)]
-            out = self.model({k: batch[k] for k in self.mods}, num_visible=m.num_visible, alphas=m.alpha,
-                             sample_tasks_uniform=m.sample_tasks_uniform,
-                             generator=Trainer._mask_generator(ident, step, 0))
+            out = plain_forward(self.model, self.opt, self.cfg, self.pool[step % len(self.pool)], step, self.rank)
             out.loss.backward()
             self.opt.step()
             self.opt.zero_grad()
@@ -141,6 +127,8 @@ def worker(args) -> None:
                 times[v.name].append(v.run(first, args.steps))
         dist.barrier()
         wall = time.perf_counter() - t_all
+        for v in reversed(variants):
+            v.close()
         if rank == 0:
             report(args, variants, times, total, world, wall)
     finally:

@@ -181,13 +181,14 @@ def rss_bytes() -> int:
 
 
 def build_engine(args, stage: int, world: int):
-    """Model, client AdamW and DeepSpeed engine exactly as ``Trainer._setup`` builds them (fp32)."""
+    """Model, client AdamW and DeepSpeed engine as ``Trainer.setup`` builds them (fp32)."""
     import deepspeed
 
     from polymae.datasets.shards import semseg_ignore_value
     from polymae.models.multimae import create_model
-    from polymae.pipeline.train.trainer import (PretrainConfig, deepspeed_config, lr_at, model_kwargs, param_groups,
-                                           register_zero3_external_params)
+    from polymae.pipeline.train.config import PretrainConfig
+    from polymae.pipeline.train.recipe import (deepspeed_config, lr_at, model_kwargs, param_groups,
+                                               register_zero3_external_params)
 
     cfg = PretrainConfig()
     cfg.data.img_size = args.img_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from typing import Iterator
 
 import torch
@@ -49,7 +50,9 @@ class ShardStream(IterableDataset):
             ``DataLoader`` round-robins them.
         num_workers: the DataLoader's worker count (needed to split ``skip_batches``).
     Yields:
-        ``collate`` dicts: ``rgb [B,3,S,S]``, ``depth [B,1,S,S]``, ``semseg [B,S/4,S/4]``, ``key``.
+        compact ``collate`` dicts (``rgb`` uint8 ``[B,3,S,S]``, ``depth`` uint16 codes ``[B,1,S,S]`` +
+        ``depth_range [B]``, ``semseg [B,S/4,S/4]``, ``key``); ``transforms.to_model_inputs`` converts them
+        on the training device.
     """
 
     def __init__(self, urls: list[str], micro_batch: int, augment: MultiModalAugment, rank: int = 0,
@@ -107,25 +110,30 @@ class ShardStream(IterableDataset):
         epoch = 0
         pending: list[dict] = []
         while True:
-            seen = 0
+            seen = tried = good = 0
+            last_error = ""
             for raw in self._epoch_samples(epoch, reader, readers):
                 seen += 1
                 if my_skip > 0:
                     my_skip -= 1
                     continue
+                tried += 1
                 try:
-                    dec = shards.decode_sample(raw)
-                    pending.append(self.augment(dec, sample_rng(self.seed, dec["key"], epoch)))
+                    pending.append(self.augment(raw, sample_rng(self.seed, raw["__key__"], epoch)))
+                    good += 1
                 except Exception as e:
                     self.skipped_corrupt += 1
-                    log.warning("skipping corrupt sample %s (%s: %s); %d skipped so far",
-                                raw.get("__key__"), type(e).__name__, e, self.skipped_corrupt)
+                    last_error = f"{raw.get('__key__')}: {type(e).__name__}: {e}"
+                    log.warning("skipping corrupt sample %s; %d skipped so far", last_error, self.skipped_corrupt)
                     continue
                 if len(pending) == self.micro_batch:
                     yield collate(pending)
                     pending = []
             if seen == 0:
                 raise RuntimeError(f"reader {reader}/{readers} got no samples from {len(self.urls)} shards")
+            if tried and not good:  # every sample of a whole epoch failed: the data, not a sample, is bad
+                raise RuntimeError(f"reader {reader}/{readers}: all {tried} samples of epoch {epoch} failed to decode "
+                                   f"(last: {last_error})")
             epoch += 1
             if not self.infinite:
                 break
@@ -133,7 +141,33 @@ class ShardStream(IterableDataset):
             yield collate(pending)
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the training loaders: a data-loader worker ignores SIGTERM and SIGUSR1.
+
+    Slurm's ``--signal`` (and ``scancel --signal``) reaches every process of the job step, the loader
+    workers too; a worker killed by it makes the trainer fail with "DataLoader worker ... is killed by
+    signal" before it can checkpoint. The trainer's own handler decides when to stop; the workers end
+    with it. Kept for the worker process's life (``polymae.patches.signal_handlers``)."""
+    from polymae.patches import signal_handlers
+
+    signal_handlers(signal.SIG_IGN, PREEMPTION_SIGNALS)
+
+
+_EXIT_HOOK = None
+
+
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """A ``DataLoader`` over already-batched ``ShardStream`` output (``batch_size=None``)."""
+    """A ``DataLoader`` over already-batched ``ShardStream`` output (``batch_size=None``); its workers ignore
+    the preemption signals (:func:`ignore_preemption_signals`), so the process kills leftover workers at exit
+    (``polymae.patches.kill_daemon_children_at_exit``, once per process) instead of waiting on them."""
+    global _EXIT_HOOK
+    if num_workers and _EXIT_HOOK is None:
+        from polymae.patches import kill_daemon_children_at_exit
+
+        _EXIT_HOOK = kill_daemon_children_at_exit()
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=ignore_preemption_signals if num_workers else None)

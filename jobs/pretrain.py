@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from polymae.jobs.common import run_job
-from polymae.pipeline.train.trainer import PretrainConfig, Trainer
+from polymae.pipeline.train.config import PretrainConfig
+from polymae.pipeline.train.trainer import Trainer
 
 DOC = __doc__
 

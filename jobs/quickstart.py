@@ -104,7 +104,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
     from polymae.pipeline.label.driver import LabelConfig, run_label
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.train.trainer import summary_from_metrics
+    from polymae.pipeline.train.metrics_log import read_metrics
     from polymae.pipeline.publish import PublishConfig, publish
 
     t_all = time.perf_counter()
@@ -123,7 +123,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     summary["images"] = sources
     label_summaries = {}
     for split in ("train", "val"):
-        lcfg = load_config(LabelConfig, overrides=[
+        lcfg = load_config(LabelConfig, base={"teachers": [{"name": "dpt"}, {"name": "segformer"}]}, overrides=[
             f"input={os.path.join(work, 'images', split)}", f"output={shards_root}", f"split={split}",
             f"samples_per_shard={cfg.samples_per_shard}", "mode=overwrite"])
         label_summaries[split] = run_label(lcfg)
@@ -147,7 +147,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain failed with exit status {proc.returncode}")
     seconds["pretrain"] = time.perf_counter() - t
-    rows = summary_from_metrics(run_dir)
+    rows = read_metrics(run_dir)
     summary["loss_first"] = rows[0]["loss"] if rows else None
     summary["loss_last"] = rows[-1]["loss"] if rows else None
     summary["steps"] = rows[-1]["step"] if rows else 0

@@ -65,7 +65,7 @@ def publish(cfg: PublishConfig) -> dict:
     from polymae.models.multimae import build_from_init_kwargs
     from polymae.datasets import storage
     from polymae.pipeline.train.checkpoint import ENCODER_FILE, MODEL_CONFIG, MODEL_FILE, consolidate, read_model_config
-    from polymae.pipeline.train.trainer import summary_from_metrics
+    from polymae.pipeline.train.metrics_log import read_metrics
 
     sd, tag = consolidate(cfg.checkpoint, cfg.tag or None)
     mc = read_model_config(cfg.checkpoint)
@@ -75,7 +75,7 @@ def publish(cfg: PublishConfig) -> dict:
     mc = dict(mc, timm=timm_kwargs, source={"checkpoint": os.path.abspath(cfg.checkpoint), "tag": tag})
     meta = {"format": "pt", "polymae_model": mc["name"], "tag": tag}
     metrics: dict = {}
-    rows = summary_from_metrics(cfg.checkpoint)
+    rows = read_metrics(cfg.checkpoint)
     if rows:
         metrics["train"] = {"first": rows[0], "last": rows[-1]}
     for name in sorted(os.listdir(cfg.checkpoint)):

@@ -69,7 +69,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Run both measurements; returns the results dict (also written to ``results.json``)."""
     from polymae.datasets import shards
     from polymae.datasets.loader import ShardStream
-    from polymae.datasets.transforms import MultiModalAugment
+    from polymae.datasets.transforms import MultiModalAugment, to_model_inputs
     from polymae.pipeline.train.checkpoint import load_model
     from polymae.pipeline.evaluate.metrics import DepthMetrics, SegMetrics
 
@@ -91,6 +91,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if "semseg" in mods:
         seg_m = SegMetrics(int(ik["semseg_num_classes"]), int(ik.get("semseg_ignore_index", 255)))
     for batch in stream:
+        batch = dict(batch, **to_model_inputs(batch, "cpu", mods))
         inputs = {m: batch[m] for m in mods}
         B = batch["rgb"].shape[0]
         if arch == "mae":

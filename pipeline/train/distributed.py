@@ -50,17 +50,20 @@ def use_cuda() -> bool:
 
 
 def init_deepspeed_distributed() -> None:
-    """``deepspeed.init_distributed`` with gloo on CPU (skipping the shm-comm compile) or nccl on GPU."""
+    """``deepspeed.init_distributed`` with gloo on CPU (skipping the shm-comm compile) or nccl on GPU.
+
+    On CPU, ``DS_ACCELERATOR=cpu`` is set when unset (DeepSpeed picks its accelerator from it on import) and the
+    shared-memory comm op is skipped, both through ``polymae.patches`` and kept for the life of the process (as
+    is the process group)."""
+    from polymae.patches import environment, skip_deepspeed_shm_comm_build
+
     fill_env()
     if not use_cuda():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        environment({"DS_ACCELERATOR": "cpu"})
     import deepspeed
-
-    from polymae.patches import skip_deepspeed_shm_comm_build
 
     if not use_cuda():
         # The CPU shared-memory comm op compiles with g++ for ~45 s on first start; gloo is exact without it.
-        # Kept for the process: the process group lives as long.
         skip_deepspeed_shm_comm_build()
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     else:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from polymae.pipeline.train.trainer import summary_from_metrics
+from polymae.pipeline.train.metrics_log import read_metrics
 
 from train_helpers import run_pretrain, torchrun_cmd, train_env, wait_for
 
@@ -21,7 +21,7 @@ COMMON = ["data.img_size=32", "model.num_visible=4", "data.num_workers=1", "data
 
 
 def _losses(run: str) -> list[float]:
-    rows = summary_from_metrics(run)
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return [r["loss"] for r in rows]
 
@@ -52,11 +52,11 @@ def test_sigkill_then_resume_matches_uninterrupted(synthetic_shards, tmp_path):
                             env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     # kill once step 4 is logged: the step-3 checkpoint exists and step 4+ work is lost
-    ok = wait_for(lambda: any(r["step"] >= 4 for r in summary_from_metrics(run)), timeout=300)
+    ok = wait_for(lambda: any(r["step"] >= 4 for r in read_metrics(run)), timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert ok, "training never reached step 4"
-    done = max(r["step"] for r in summary_from_metrics(run))
+    done = max(r["step"] for r in read_metrics(run))
     assert done < STEPS, "the run finished before it was killed"
     with open(os.path.join(run, "checkpoints", "latest")) as fh:
         resumed_from = int(fh.read().strip().split("-")[1])
@@ -77,15 +77,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(synthetic_shards, tmp_path):
             "train.save_interval=1000", "data.num_workers=0", *[a for a in COMMON if not a.startswith(
                 ("data.num_workers", "train.global_batch"))], "train.global_batch=2", "train.steps=200"]
     proc = subprocess.Popen(args, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ok = wait_for(lambda: any(r["step"] >= 2 for r in summary_from_metrics(run)), timeout=300)
+    ok = wait_for(lambda: any(r["step"] >= 2 for r in read_metrics(run)), timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert ok and proc.returncode == 0, err[-3000:]
-    last = max(r["step"] for r in summary_from_metrics(run))
+    last = max(r["step"] for r in read_metrics(run))
     assert last < 200
     with open(os.path.join(run, "checkpoints", "latest")) as fh:
         assert fh.read().strip() == f"step-{last:08d}"  # saved at the step it stopped, not at save_interval
     r = subprocess.run([*args[:-1], f"train.steps={last + 2}", "resume=true"], env=train_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert max(r["step"] for r in summary_from_metrics(run)) == last + 2
+    assert max(r["step"] for r in read_metrics(run)) == last + 2

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from polymae.pipeline.config import ConfigError, load_config, parse_overrides, redact, save_config
-from polymae.pipeline.train.trainer import PretrainConfig
+from polymae.pipeline.train.config import PretrainConfig
 
 pytestmark = pytest.mark.unit
 
@@ -113,7 +113,7 @@ def test_paper_recipes_load(name):
     (2, 2, True, False, False), (3, 2, True, True, False), (0, 2, True, True, False)])
 def test_deepspeed_config_gloo_buckets(stage, world, gloo, enabled, expect):
     from polymae.pipeline.train.distributed import GLOO_ALLGATHER_BUCKET
-    from polymae.pipeline.train.trainer import deepspeed_config
+    from polymae.pipeline.train.recipe import deepspeed_config
 
     cfg = PretrainConfig()
     cfg.train.zero_stage, cfg.train.gloo_bucketed_comm = stage, enabled
@@ -125,3 +125,86 @@ def test_deepspeed_config_gloo_buckets(stage, world, gloo, enabled, expect):
     else:
         assert "reduce_scatter" not in zero
         assert zero.get("allgather_bucket_size", int(5e7)) == int(5e7)
+
+
+# -- validate() is pure; preflight() holds the checks that need files or the environment ----------------------
+def _configs() -> list[PretrainConfig]:
+    mae = PretrainConfig()
+    mae.model.arch = "mae"  # keeps the MultiMAE default modalities: validate() must not rewrite them
+    weighted = PretrainConfig()
+    weighted.model.loss_weights = {"depth": 2.0}
+    return [PretrainConfig(), mae, weighted]
+
+
+@pytest.mark.parametrize("cfg", _configs(), ids=["multimae", "mae", "loss_weights"])
+def test_validate_changes_nothing(cfg):
+    import copy
+
+    from polymae.pipeline.config import validate_tree
+
+    before = copy.deepcopy(cfg)
+    validate_tree(cfg)
+    assert cfg == before
+
+
+def test_mae_uses_rgb_only_without_rewriting_the_config(tmp_path, shards_dir):
+    cfg = load_config(PretrainConfig, None, [f"data.shards={shards_dir}", "model.arch=mae"])
+    assert cfg.model.modalities == ["rgb", "depth", "semseg"]  # as given
+    assert cfg.model.active_modalities() == ["rgb"]
+    assert cfg.resolved().model.modalities == ["rgb"] and cfg.model.modalities == ["rgb", "depth", "semseg"]
+    with pytest.raises(ConfigError) as e:  # a weight for a modality MAE does not use
+        load_config(PretrainConfig, None, [f"data.shards={shards_dir}", "model.arch=mae", "model.loss_weights={depth: 2}"])
+    assert e.value.key == "model.loss_weights.depth"
+
+
+def test_validate_does_no_io_and_reads_no_environment(monkeypatch):
+    import fsspec
+
+    from polymae.datasets import storage
+    from polymae.pipeline.config import validate_tree
+    from polymae.pipeline.train import distributed
+
+    def boom(*a, **kw):
+        raise AssertionError("validate() must not touch files or the environment")
+
+    monkeypatch.setattr(os.path, "exists", boom)
+    monkeypatch.setattr(os.path, "isdir", boom)
+    monkeypatch.setattr(fsspec, "open", boom)
+    monkeypatch.setattr(fsspec, "filesystem", boom)
+    monkeypatch.setattr(fsspec, "url_to_fs", boom)
+    monkeypatch.setattr(storage, "exists", boom)
+    monkeypatch.setattr(storage, "get_fs", boom)
+    monkeypatch.setattr(distributed, "world_size", boom)
+    for cfg in _configs():
+        cfg.data.shards = "/nonexistent/shards"
+        cfg.train.wandb_project = "never-imported"
+        validate_tree(cfg)
+
+
+def test_preflight_errors_name_the_key(tmp_path, shards_dir, monkeypatch):
+    from polymae.pipeline.config import preflight_tree
+
+    cfg = PretrainConfig()
+    cfg.data.shards = str(tmp_path / "missing")
+    with pytest.raises(ConfigError) as e:
+        preflight_tree(cfg)
+    assert e.value.key == "data.shards" and "'data.shards'" in str(e.value)
+
+    cfg.data.shards = shards_dir
+    cfg.train.global_batch, cfg.train.micro_batch = 12, 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as e:
+        preflight_tree(cfg)
+    assert e.value.key == "train.global_batch" and "ranks (2)" in str(e.value)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    preflight_tree(cfg)  # 12 = 4 x 3 ranks
+
+
+def test_preflight_false_accepts_a_missing_shards_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "64")  # the world of another machine: not checked either
+    cfg = load_config(PretrainConfig, None, [f"data.shards={tmp_path}/not-yet-labelled", "train.global_batch=8"],
+                      preflight=False)
+    assert cfg.data.shards.endswith("not-yet-labelled")
+    with pytest.raises(ConfigError) as e:  # the pure checks still run
+        load_config(PretrainConfig, None, [f"data.shards={tmp_path}/nope", "train.global_batch=6"], preflight=False)
+    assert e.value.key == "train.global_batch"

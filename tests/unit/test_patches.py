@@ -148,3 +148,52 @@ def test_version_mismatch_is_logged_once(monkeypatch, caplog):
         patches.global_torch_seed(0).restore()
     hits = [r for r in caplog.records if "written for 0.0.1" in r.getMessage()]
     assert len(hits) == 1
+
+
+def test_torchvision_io_deprecation_filter_added_and_removed():
+    import warnings
+
+    import torchvision.io  # noqa: F401 - its import adds filters of its own; count from after it
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # any torchvision.io deprecation would raise
+        n = len(warnings.filters)
+        p = patches.silence_torchvision_io_deprecation()
+        warnings.warn(patches.TORCHVISION_IO_DEPRECATION + " since 0.29", DeprecationWarning)  # silenced
+        assert len(warnings.filters) == n + 1
+        p.restore()
+        assert len(warnings.filters) == n
+        with pytest.raises(DeprecationWarning):
+            warnings.warn(patches.TORCHVISION_IO_DEPRECATION + " since 0.29", DeprecationWarning)
+
+
+EXIT_SNIPPET = """
+import multiprocessing as mp, signal, time, sys
+from polymae import patches
+
+def child():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a loader worker during preemption
+    time.sleep(600)
+
+if __name__ == "__main__":
+    p = mp.get_context("fork").Process(target=child, daemon=True)
+    p.start()
+    hook = patches.kill_daemon_children_at_exit()
+    if sys.argv[1] == "restored":
+        hook.restore()
+        p.kill()  # without the hook the test would hang in multiprocessing's exit join; end it ourselves
+    print(p.pid, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["hook", "restored"])
+def test_kill_daemon_children_at_exit_lets_the_process_end(tmp_path, mode):
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SNIPPET)
+    r = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pid = int(r.stdout.split()[0])
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -1,0 +1,53 @@
+"""The training data of a run: the labelled shards' semantic classes and the per-rank batch stream."""
+
+from __future__ import annotations
+
+import json
+
+from polymae.pipeline.train.config import PretrainConfig
+
+
+def shard_label_info(root: str, split: str) -> tuple[int | None, int | None]:
+    """``(semseg num_classes, ignore value)`` of the shards under ``root/split``, from their manifest or else
+    the first sample's JSON; ``(None, None)`` when the shards carry no semseg pseudo-labels."""
+    from polymae.datasets import shards, storage
+
+    murl = shards.manifest_url(root, split)
+    if storage.exists(murl):
+        man = storage.read_json(murl)
+        ls = man.get("teachers", {}).get("semseg") or {}
+        if "num_classes" in ls:
+            n = int(ls["num_classes"])
+            return n, shards.semseg_ignore_value(n)
+    urls = shards.trusted_shard_urls(root, split)
+    for raw in shards.iter_raw_samples(urls[:1]):
+        meta = json.loads(raw[shards.META])
+        if "semseg" in meta:
+            return int(meta["semseg"]["num_classes"]), int(meta["semseg"]["ignore_index"])
+        break
+    return None, None
+
+
+def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int = 0):
+    """This rank's micro-batches: ``(stream, loader)``, a :class:`~polymae.datasets.loader.ShardStream` over the
+    verified shards (random-resized crop + flip shared by all modalities, MultiMAE App. A.1) and the
+    ``DataLoader`` around it.
+
+    Each item is a dict: ``rgb`` ``[B, 3, S, S]`` (ImageNet-normalised), ``depth`` ``[B, 1, S, S]``, ``semseg``
+    ``[B, S/4, S/4]`` int64 and ``key`` (sample names), with ``B = train.micro_batch`` and
+    ``S = data.img_size`` pixels. ``skip_batches``: micro-batches of this rank
+    already consumed (``resumed step × gradient accumulation``), so a resumed run sees the same data.
+    """
+    from polymae.datasets import shards
+    from polymae.datasets.loader import ShardStream, make_loader
+    from polymae.datasets.transforms import MultiModalAugment
+
+    urls = shards.trusted_shard_urls(cfg.data.shards, cfg.data.split)
+    aug = MultiModalAugment(img_size=cfg.data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip)
+    stream = ShardStream(urls, cfg.train.micro_batch, aug, rank=rank, world=world, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=skip_batches,
+                         num_workers=cfg.data.num_workers)
+    return stream, make_loader(stream, cfg.data.num_workers)
+
+
+__all__ = ["shard_label_info", "build_loader"]
