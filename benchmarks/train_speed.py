@@ -196,7 +196,7 @@ class PolymaeTrainer(Variant):
                 t0 = time.perf_counter()
                 for step in range(first_step, first_step + n_steps):
                     result = tr.train_step(batches, step)
-                    logger.record(result.metrics)
+                    logger.record(step + 1, result.metrics)
                     self.losses[step] = result.metrics["loss"]
             t1 = time.perf_counter()
         return t1 - t0

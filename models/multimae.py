@@ -273,7 +273,11 @@ class MultiMAE(nn.Module):
         return data, batch, size
 
     def _tokens(self, data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: self.input_adapters[m](data[m]) for m in self.in_modalities if m in data}
+        # inputs in the adapters' weight dtype (bf16 weights under DeepSpeed's bf16 mode); the targets of the losses
+        # stay the caller's (fp32) tensors
+        dtype = self.global_tokens.dtype
+        return {m: self.input_adapters[m](data[m] if m == "semseg" else data[m].to(dtype))
+                for m in self.in_modalities if m in data}
 
     def _encode(self, tokens: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], num_visible: int,
                 grid: tuple[int, int]) -> tuple[torch.Tensor, TokenLayout]:
@@ -287,7 +291,9 @@ class MultiMAE(nn.Module):
         ids = visible_indices(mask_all, num_visible)
         b, _, d = x_all.shape
         x = torch.gather(x_all, 1, ids[..., None].expand(-1, -1, d))
-        x = torch.cat([self.global_tokens.to(x.dtype).expand(b, -1, -1), x], dim=1)
+        # the encoder's dtype (bf16 weights under DeepSpeed's bf16 mode; fp32 buffers such as position embeddings
+        # would otherwise promote the tokens to fp32); under autocast the weights are fp32 and nothing changes
+        x = torch.cat([self.global_tokens.expand(b, -1, -1), x.to(self.global_tokens.dtype)], dim=1)
         x = self.encoder_norm(self.encoder(x))
         return x, TokenLayout(names, slices, grid, ids, self.num_global_tokens, start)
 

@@ -79,13 +79,23 @@ class ModelConfig:
     decoder_dim: int = field_(256, help="output-adapter width (MultiMAE 256; MAE 512)")
     decoder_depth: int = field_(2, help="output-adapter blocks (MultiMAE 2; MAE 8)")
     norm_pix_loss: bool = field_(False, help="per-patch normalised RGB target")
-    loss_weights: dict[str, float] = field_({}, help="per-modality loss weight (default 1)")
+    loss_weights: dict[str, float] = field_({}, help="per-modality loss weight (default 1); norm_rgb too")
+    extra_norm_pix_loss: bool = field_(False, help="MultiMAE: a 4th output adapter norm_rgb with the per-patch "
+                                       "normalised RGB target and its own loss beside plain RGB (official recipe)")
+    fp32_output_adapters: list[str] = field_([], help="output adapters run in fp32 under autocast (the official "
+                                             "recipe: [semseg]); losses are always fp32")
     grad_checkpointing: bool = field_(False, help="activation checkpointing per encoder block")
 
     def active_modalities(self) -> list[str]:
         """The modalities the model takes and reconstructs: ``modalities`` for MultiMAE, ``["rgb"]`` for MAE
         (which ignores ``modalities``). A fresh list each call."""
         return ["rgb"] if self.arch == "mae" else list(self.modalities)
+
+    def loss_names(self) -> list[str]:
+        """The per-output losses the model reports: :meth:`active_modalities`, then ``norm_rgb`` with
+        ``extra_norm_pix_loss`` (MultiMAE)."""
+        extra = ["norm_rgb"] if self.extra_norm_pix_loss and self.arch == "multimae" else []
+        return self.active_modalities() + extra
 
     @property
     def model_name(self) -> str:
@@ -110,10 +120,15 @@ class ModelConfig:
             raise ConfigError("num_visible", f"must be >= 1, got {self.num_visible}")
         if self.alpha <= 0:
             raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
-        active = self.active_modalities()
+        outputs = self.loss_names()
         for k in self.loss_weights:
-            if k not in active:
-                raise ConfigError(f"loss_weights.{k}", "not one of the model's modalities")
+            if k not in outputs:
+                raise ConfigError(f"loss_weights.{k}", f"not one of the model's outputs {outputs}")
+        for i, k in enumerate(self.fp32_output_adapters):
+            if k not in outputs:
+                raise ConfigError(f"fp32_output_adapters[{i}]", f"{k!r} is not one of the model's outputs {outputs}")
+        if self.extra_norm_pix_loss and self.arch == "mae":
+            raise ConfigError("extra_norm_pix_loss", "is a MultiMAE option (MAE: norm_pix_loss)")
 
 
 @dataclass
@@ -152,7 +167,11 @@ class TrainConfig:
     global_batch: int = field_(16, help="samples per step over all ranks = micro_batch * ranks * accumulation")
     micro_batch: int = field_(4, help="samples per rank per forward/backward")
     zero_stage: int = field_(2, help="DeepSpeed ZeRO stage 0/1/2/3")
-    precision: Literal["auto", "fp32", "bf16"] = field_("auto", help="auto = bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "amp_bf16", "fp16"] = field_(
+        "auto", help="auto = bf16 on GPU, fp32 on CPU; bf16: DeepSpeed bf16 weights, fp32 master weights and "
+                     "gradient accumulation; amp_bf16: fp32 weights, forward under torch.autocast(bf16) (the official "
+                     "MultiMAE recipe; honours model.fp32_output_adapters); fp16 (V100-class GPUs): dynamic loss "
+                     "scaling")
     seed: int = field_(0, help="seed for init, data order, augmentation and masks")
     save_interval: int = field_(50, help="save a checkpoint every N steps (and at the end, and on SIGTERM)")
     keep_last: int = field_(2, help="checkpoints to keep")
@@ -196,8 +215,10 @@ class TrainConfig:
             ConfigError: ``global_batch`` not divisible by ``micro_batch x ranks`` (ranks from
                 ``WORLD_SIZE``/``SLURM_NTASKS``, 1 when launched alone); ``wandb_project`` set without wandb.
         """
-        from polymae.pipeline.train.distributed import world_size
+        from polymae.pipeline.train.distributed import use_cuda, world_size
 
+        if self.precision == "fp16" and not use_cuda():
+            raise ConfigError("precision", "fp16 (loss-scaled) training needs a CUDA device; use bf16 or fp32 on CPU")
         ws = world_size()
         if self.global_batch % (self.micro_batch * ws):
             raise ConfigError("global_batch", f"{self.global_batch} is not divisible by micro_batch "

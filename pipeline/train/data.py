@@ -33,9 +33,9 @@ def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int =
     verified shards (random-resized crop + flip shared by all modalities, MultiMAE App. A.1) and the
     ``DataLoader`` around it.
 
-    Each item is a dict: ``rgb`` ``[B, 3, S, S]`` (ImageNet-normalised), ``depth`` ``[B, 1, S, S]``, ``semseg``
-    ``[B, S/4, S/4]`` int64 and ``key`` (sample names), with ``B = train.micro_batch`` and
-    ``S = data.img_size`` pixels. ``skip_batches``: micro-batches of this rank
+    Each item is a compact dict (``datasets/transforms.py``): ``rgb`` uint8 ``[B, 3, S, S]``, ``depth`` uint16
+    codes ``[B, 1, S, S]`` + ``depth_range [B]``, ``semseg`` ``[B, S/4, S/4]`` ids and ``key`` (sample names), with
+    ``B = train.micro_batch`` and ``S = data.img_size`` pixels; ``to_model_inputs`` converts it on the device. ``skip_batches``: micro-batches of this rank
     already consumed (``resumed step × gradient accumulation``), so a resumed run sees the same data.
     """
     from polymae.datasets import shards

@@ -123,10 +123,10 @@ class MetricsLogger:
         """Whether step ``step`` (1-based) is written: every ``log_interval`` steps, the first and the last."""
         return step % self.log_interval == 0 or step == self.total_steps or step == 1
 
-    def record(self, metrics: dict[str, Any]) -> bool:
-        """One optimizer step done: write ``metrics`` (a row with ``step``) if :meth:`due`, advance the bar.
-        Returns whether the row was written (always False when disabled)."""
-        written = self.enabled and self.due(metrics["step"])
+    def record(self, step: int, metrics: dict[str, Any] | None) -> bool:
+        """Optimizer step ``step`` (1-based) done: write ``metrics`` (its row, or None on a step that built none)
+        if :meth:`due`, advance the bar. Returns whether the row was written (always False when disabled)."""
+        written = self.enabled and metrics is not None and self.due(step)
         if written:
             self.write(metrics)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",

@@ -63,11 +63,15 @@ def model_kwargs(cfg: PretrainConfig, semseg_num_classes: int | None, semseg_ign
     m = cfg.model
     kw: dict = dict(img_size=cfg.data.img_size, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
                     norm_pix_loss=m.norm_pix_loss)
+    if m.fp32_output_adapters:
+        kw.update(fp32_output_adapters=tuple(m.fp32_output_adapters))
     if m.arch == "mae":
         kw.update(mask_ratio=m.mask_ratio)
     else:
         mods = tuple(m.active_modalities())
         kw.update(in_modalities=mods, out_modalities=mods, loss_weights=dict(m.loss_weights) or None)
+        if m.extra_norm_pix_loss:
+            kw.update(extra_norm_pix_loss=True)
         if "semseg" in mods:
             kw.update(semseg_num_classes=semseg_num_classes, semseg_ignore_index=semseg_ignore)
     return kw
@@ -112,9 +116,18 @@ def bucketed_gloo_comm(cfg: PretrainConfig, world: int, gloo: bool) -> bool:
     return cfg.train.gloo_bucketed_comm and cfg.train.zero_stage in (1, 2) and gloo and world > 1
 
 
-def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = False) -> dict:
+def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = False, fp16: bool = False,
+                     amp_bf16: bool = False) -> dict:
     """The DeepSpeed JSON config for this run: ZeRO stage (arXiv 1910.02054), batch sizes (gradient accumulation
     = ``global_batch / (micro_batch × world)``), clipping, precision; 5e7-element (200 MB fp32) buckets.
+
+    Precision: ``bf16`` = DeepSpeed's bf16 mode with gradients accumulated in fp32 (``data_types.grad_accum_dtype``);
+    ``fp16`` = fp16 with dynamic loss scaling (2^16 initial scale, halved on overflow, doubled after 1000 clean
+    steps); ``amp_bf16`` = fp32 weights with the forward under ``torch.autocast(bfloat16)`` (DeepSpeed's
+    ``torch_autocast``; the official MultiMAE recipe's mixed precision, where ``fp32_output_adapters`` apply);
+    none = fp32. Without gradient clipping ZeRO-1/2 do not compute the global gradient norm
+    (``compute_grad_norm: false``): it is needed only to clip, and computing it reads it on the host every step;
+    ``grad_norm`` is then not logged. (DeepSpeed's ZeRO-1 bf16 optimizer and fp16 need it, so they keep it.)
 
     ``gloo``: the process group is gloo (CPU); with ``train.gloo_bucketed_comm`` and 2+ ranks ZeRO-1/2 all-reduce
     gradient buckets (``reduce_scatter: false``) and all-gather parameters in ``GLOO_ALLGATHER_BUCKET``-element
@@ -129,13 +142,23 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
     if cfg.train.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=int(5e7), stage3_param_persistence_threshold=int(1e4),
                     stage3_gather_16bit_weights_on_model_save=False)
+    if cfg.optim.grad_clip == 0 and cfg.train.zero_stage in (1, 2) and not fp16 and not (bf16 and cfg.train.zero_stage == 1):
+        zero["compute_grad_norm"] = False
+    precision: dict = {"bf16": {"enabled": bf16}}
+    if bf16:
+        precision["data_types"] = {"grad_accum_dtype": "fp32"}
+    if amp_bf16:
+        precision["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if fp16:
+        precision["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                             "hysteresis": 2, "min_loss_scale": 1}
     return {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": ga,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        **precision,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -43,13 +43,14 @@ class StepResult:
     """What :meth:`Trainer.train_step` returns for one optimizer step.
 
     Attributes:
-        metrics: the step's ``metrics.jsonl`` row (see ``metrics_log.py``): ``step`` (1-based), ``loss`` and
-            ``losses`` averaged over all ranks and micro-batches, ``lr``, ``grad_norm``, throughput, memory.
+        metrics: on a logging step, the ``metrics.jsonl`` row (see ``metrics_log.py``): ``step`` (1-based),
+            ``loss`` and ``losses`` averaged over all ranks, micro-batches and the steps since the last logged
+            one, ``lr``, ``grad_norm``, throughput over those steps, memory; ``None`` on other steps.
         stop: some rank was asked to stop (SIGTERM) during the step; all ranks agree on it.
         data_wait_s: seconds this rank waited for its micro-batches.
     """
 
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] | None
     stop: bool
     data_wait_s: float
 
@@ -76,6 +77,10 @@ class Trainer:
         self.tokens_per_sample: int | None = None  # encoder tokens per sample (tokens/s)
         self._stop = False
         self._patches: list = []  # polymae.patches handles of setup(), restored by close()
+        # device-side sums of [total loss, per-modality losses] since the last logged step (no host sync per step)
+        self._loss_sums: torch.Tensor | None = None
+        self._interval = {"steps": 0, "seconds": 0.0, "wait": 0.0}
+        self._flag_group = None  # process group for host-side flags (gloo beside NCCL; the default group on gloo)
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -101,9 +106,14 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if use_cuda() else torch.device("cpu")
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda())
+        self.fp16 = cfg.train.precision == "fp16"
+        self.precision = "bf16" if self.bf16 else cfg.train.precision if cfg.train.precision != "auto" else "fp32"
         self.ga = cfg.train.global_batch // (cfg.train.micro_batch * self.world)
-        self.ds_config = deepspeed_config(cfg, self.world, self.bf16, gloo=not use_cuda())
+        self.ds_config = deepspeed_config(cfg, self.world, self.bf16, gloo=not use_cuda(), fp16=self.fp16,
+                                          amp_bf16=cfg.train.precision == "amp_bf16")
         self.peak_flops = device_peak_flops(cfg.train.peak_tflops)
+        if self.world > 1:  # the stop flag is a host-side scalar: NCCL only takes CUDA tensors
+            self._flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
         model = self._build_model()
         n_params = sum(p.numel() for p in model.parameters())
@@ -155,7 +165,7 @@ class Trainer:
             json.dump({"name": m.model_name, "init_kwargs": self.init_kwargs, "pretrain": pretrain}, fh, indent=2)
         log.info("model %s: %.2f M parameters; ZeRO stage %d; %d ranks x micro-batch %d x accumulation %d = %d; %s",
                  m.model_name, n_params / 1e6, cfg.train.zero_stage, self.world, cfg.train.micro_batch, self.ga,
-                 cfg.train.global_batch, "bf16" if self.bf16 else "fp32")
+                 cfg.train.global_batch, self.precision)
 
     @contextlib.contextmanager
     def process_settings(self) -> Iterator[None]:
@@ -219,28 +229,29 @@ class Trainer:
             self.flops_per_sample = counter.get_total_flops() / batch["rgb"].shape[0]
         return out
 
-    def train_step(self, batches: Iterator[dict], step: int) -> StepResult:
+    def train_step(self, batches: Iterator[dict], step: int, log: bool = True) -> StepResult:
         """One optimizer step ``step`` (0-based): set the lr from :func:`lr_at`, then for each of the
         ``global_batch / (micro_batch × ranks)`` micro-batches taken from ``batches`` forward, backward and
-        ``engine.step()`` (DeepSpeed applies the update at the accumulation boundary), then one all-reduce of the
-        losses and the stop flag. Collective: every rank calls it with the same ``step``. Needs :meth:`setup`.
+        ``engine.step()`` (DeepSpeed applies the update at the accumulation boundary). Losses are summed on the
+        device; the ranks agree on the stop flag through a host-side (gloo) all-reduce, which never waits for
+        the device. Only when ``log`` are the loss sums all-reduced and copied to the host (one transfer), so a
+        step that does not log makes no host synchronisation of its own. Collective: every rank calls it with
+        the same ``step`` and ``log``. Needs :meth:`setup`.
 
         Args:
-            batches: this rank's micro-batches (``iter(trainer.loader)`` or the same dicts from elsewhere:
-                ``rgb [B, 3, S, S]``, ``depth [B, 1, S, S]``, ``semseg [B, S/4, S/4]``).
+            batches: this rank's micro-batches (``iter(trainer.loader)`` or the same compact dicts from
+                elsewhere: ``rgb`` uint8 ``[B, 3, S, S]``, ``depth`` ``[B, 1, S, S]``, ``semseg`` ``[B, S/4, S/4]``).
             step: optimizer steps done before this one; sets the lr and seeds the masks.
+            log: build the metrics row (reducing the losses accumulated since the last logged step).
         Returns:
-            the step's :class:`StepResult` (metrics row with ``step = step + 1``, the agreed stop flag).
+            the step's :class:`StepResult` (metrics row with ``step = step + 1`` when ``log``, the agreed stop flag).
         Raises:
             StopIteration: ``batches`` ran out.
         """
-        mods = self.cfg.model.active_modalities()
         t0 = time.perf_counter()
         lr = lr_at(step, self.cfg)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
-        # one all-reduce per step carries [total loss, per-modality losses..., stop flag]
-        sums = torch.zeros(2 + len(mods), dtype=torch.float64)
         wait = 0.0
         for micro in range(self.ga):
             tw = time.perf_counter()
@@ -248,30 +259,53 @@ class Trainer:
             wait += time.perf_counter() - tw
             out = self._forward_backward(batch, step, micro)
             self.engine.step()
-            sums[0] += out.loss.detach().float().cpu().item()
-            for i, m in enumerate(mods):
-                if m in out.losses:
-                    sums[1 + i] += out.losses[m].detach().float().cpu().item()
-            if self.tokens_per_sample is None:  # visible (encoder) tokens of the first micro-batch
-                visible = sum((~mk).sum().item() for mk in out.masks.values())
-                self.tokens_per_sample = int(visible / batch["rgb"].shape[0])
-        sums[-1] = 1.0 if self._stop else 0.0
-        dist.all_reduce(sums)
-        stop = bool(sums[-1] > 0)
-        sums /= self.ga * self.world
+            self._accumulate(out, batch)
+        stop = self._agree_stop()
         dt = time.perf_counter() - t0
-        losses = {m: float(sums[1 + i]) for i, m in enumerate(mods)}
-        return StepResult(self._metrics(step + 1, float(sums[0]), losses, lr, wait, dt), stop, wait)
+        self._interval["steps"] += 1
+        self._interval["seconds"] += dt
+        self._interval["wait"] += wait
+        return StepResult(self._metrics(step + 1, lr) if log else None, stop, wait)
 
-    def _metrics(self, step: int, loss: float, losses: dict[str, float], lr: float, wait: float, dt: float) -> dict:
-        """The ``metrics.jsonl`` row of step ``step`` (1-based) that took ``dt`` seconds, ``wait`` of them waiting."""
+    def _accumulate(self, out: Any, batch: dict) -> None:
+        """Add a micro-batch's losses to the device-side sums (no host synchronisation)."""
+        mods = self.cfg.model.loss_names()
+        if self._loss_sums is None:
+            self._loss_sums = torch.zeros(1 + len(mods), dtype=torch.float32, device=out.loss.device)
+            if self.tokens_per_sample is None:  # visible (encoder) tokens, from the first micro-batch only
+                visible = sum(int((~mk).sum()) for mk in out.masks.values())
+                self.tokens_per_sample = int(visible / batch["rgb"].shape[0])
+        zero = out.loss.new_zeros(())
+        parts = [out.loss.detach()] + [out.losses[m].detach() if m in out.losses else zero for m in mods]
+        self._loss_sums += torch.stack([p.float() for p in parts])
+
+    def _agree_stop(self) -> bool:
+        """Whether any rank asked to stop, agreed by all ranks (a CPU all-reduce on the flag group)."""
+        if self._flag_group is None:
+            return self._stop
+        flag = torch.tensor([1 if self._stop else 0], dtype=torch.int32)  # a host tensor by construction
+        dist.all_reduce(flag, group=self._flag_group)
+        return bool(flag.numpy()[0])  # read through numpy: host memory, never a device synchronisation
+
+    def _metrics(self, step: int, lr: float) -> dict:
+        """The ``metrics.jsonl`` row of step ``step`` (1-based): losses and throughput over the steps since the
+        last logged one (one all-reduce of the device-side loss sums, one device-to-host copy), then reset."""
+        mods = self.cfg.model.loss_names()
+        sums = self._loss_sums if self._loss_sums is not None else torch.zeros(1 + len(mods), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        steps = max(1, self._interval["steps"])
+        values = (sums / (steps * self.ga * self.world)).tolist()
         gn = self.engine.get_global_grad_norm()
-        ips = self.cfg.train.global_batch / dt
+        dt, wait = self._interval["seconds"], self._interval["wait"]
+        ips = self.cfg.train.global_batch * steps / max(dt, 1e-9)
         flops = (self.flops_per_sample or 0) * ips
-        return {"step": step, "loss": loss, "losses": losses, "lr": lr,
+        self._loss_sums = None
+        self._interval = {"steps": 0, "seconds": 0.0, "wait": 0.0}
+        return {"step": step, "loss": values[0], "losses": dict(zip(mods, values[1:])), "lr": lr,
                 "grad_norm": float(gn) if gn is not None else None,
                 "images_per_s": ips, "tokens_per_s": ips * (self.tokens_per_sample or 0),
-                "data_wait_pct": 100.0 * wait / dt, "step_s": dt, "tflops_per_s": flops / 1e12,
+                "data_wait_pct": 100.0 * wait / max(dt, 1e-9), "step_s": dt / steps, "tflops_per_s": flops / 1e12,
                 "mfu": flops / (self.peak_flops * self.world) if self.peak_flops else None,
                 "peak_memory_gib": peak_memory_gib(self.device)}
 
@@ -287,8 +321,8 @@ class Trainer:
             with self.process_settings(), self.metrics_logger() as logger:
                 batches = iter(self.loader)
                 for step in range(self.start_step, cfg.train.steps):
-                    result = self.train_step(batches, step)
-                    if logger.record(result.metrics):
+                    result = self.train_step(batches, step, log=logger.due(step + 1))
+                    if logger.record(step + 1, result.metrics):
                         last = result.metrics
                     done = step + 1
                     if result.stop or done % cfg.train.save_interval == 0 or done == cfg.train.steps:

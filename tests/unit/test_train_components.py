@@ -20,13 +20,13 @@ def _row(step: int, loss: float) -> dict:
 def test_metrics_logger_writes_due_steps_and_read_metrics_keeps_the_newest(tmp_path):
     run = str(tmp_path)
     with MetricsLogger(run, total_steps=5, log_interval=2, progress=False) as logger:
-        written = [logger.record(_row(s, float(s))) for s in range(1, 6)]
+        written = [logger.record(s, _row(s, float(s))) for s in range(1, 6)]
     assert written == [True, True, False, True, True]  # step 1, every 2nd, the last
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 4, 5]
     assert os.listdir(tmp_path / "tb")  # TensorBoard event file
     # a resumed run appends steps again: the later line of a step wins
     with MetricsLogger(run, total_steps=5, first_step=3, progress=False) as logger:
-        logger.record(_row(4, 40.0))
+        logger.record(4, _row(4, 40.0))
     assert [(r["step"], r["loss"]) for r in read_metrics(run)] == [(1, 1.0), (2, 2.0), (4, 40.0), (5, 5.0)]
     with open(tmp_path / "metrics.jsonl") as fh:
         assert json.loads(fh.readlines()[-1]) == _row(4, 40.0)
@@ -34,7 +34,7 @@ def test_metrics_logger_writes_due_steps_and_read_metrics_keeps_the_newest(tmp_p
 
 def test_disabled_metrics_logger_writes_nothing(tmp_path):
     with MetricsLogger(str(tmp_path / "other"), total_steps=2, enabled=False) as logger:
-        assert logger.record(_row(1, 1.0)) is False
+        assert logger.record(1, _row(1, 1.0)) is False
     assert read_metrics(str(tmp_path / "other")) == [] and not (tmp_path / "other").exists()
 
 
