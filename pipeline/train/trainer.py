@@ -218,15 +218,18 @@ class Trainer:
         return self.engine(inputs, generator=gen, **masking_kwargs(self.cfg.model))
 
     def _forward_backward(self, batch: dict, step: int, micro: int):
-        """Forward + backward of one micro-batch; the first one is run under torch's FLOP counter (MFU)."""
+        """Forward + backward of one micro-batch. The first forward runs under torch's FLOP counter: the model
+        FLOPs of a training sample are 3x its forward FLOPs (backward = 2x forward), counted without the
+        re-computed forward of activation checkpointing, so MFU is model FLOPs utilisation, not hardware FLOPs
+        (PaLM, Chowdhery et al. 2022, App. B)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False) if self.flops_per_sample is None else None
         with counter or contextlib.nullcontext():
             out = self.forward(batch, step, micro)
-            self.engine.backward(out.loss)
         if counter is not None:
-            self.flops_per_sample = counter.get_total_flops() / batch["rgb"].shape[0]
+            self.flops_per_sample = 3 * counter.get_total_flops() / batch["rgb"].shape[0]
+        self.engine.backward(out.loss)
         return out
 
     def train_step(self, batches: Iterator[dict], step: int, log: bool = True) -> StepResult:

@@ -31,3 +31,17 @@ def test_bf16_modes_train_and_stay_close_to_fp32(synthetic_shards, tmp_path):
     for precision in ("bf16", "amp_bf16"):  # same data, masks and init: bf16 rounding only
         first, ref = runs[precision][0]["loss"], runs["fp32"][0]["loss"]
         assert abs(first - ref) < 0.05 * ref, (precision, first, ref)
+
+
+def test_mfu_counts_model_flops_without_recomputation(synthetic_shards, tmp_path):
+    """MFU uses model FLOPs (3x the forward): the same with and without activation checkpointing, whose
+    re-computed forward is hardware work, not model work."""
+    per_sample = {}
+    for ckpt in ("false", "true"):
+        out = str(tmp_path / f"ckpt-{ckpt}")
+        run_pretrain(1, [f"data.shards={synthetic_shards}", f"output={out}", f"model.grad_checkpointing={ckpt}",
+                         *COMMON[:-1], "train.steps=1"])
+        row = read_metrics(out)[0]
+        per_sample[ckpt] = row["tflops_per_s"] * 1e12 / row["images_per_s"]
+    assert per_sample["false"] > 1e6
+    assert abs(per_sample["true"] - per_sample["false"]) <= 1e-6 * per_sample["false"], per_sample
