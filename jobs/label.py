@@ -3,7 +3,7 @@
 Examples::
 
     python -m polymae.jobs.label input=photos/ output=work/shards samples_per_shard=2000
-    python -m polymae.jobs.label --config jobs/configs/label_imagenet.yaml --address auto --extend
+    python -m polymae.jobs.label --config my_label.yaml --address auto mode=extend
     ray job submit -- python -m polymae.jobs.label input=s3://bucket/imagenet/train output=s3://bucket/shards
 
 See ``pipeline/label/driver.py`` for the flow and ``datasets/shards.py`` for the output format.

@@ -1,7 +1,7 @@
 """``polymae pretrain``: MultiMAE / MAE pre-training on labelled shards with DeepSpeed ZeRO.
 
 Runs as a single process (``python -m polymae.jobs.pretrain``) or under a launcher, e.g.
-``torchrun --nproc_per_node=2 -m polymae.jobs.pretrain --config jobs/configs/quickstart.yaml``,
+``torchrun --nproc_per_node=8 -m polymae.jobs.pretrain --config jobs/configs/multimae_vit_base.yaml``,
 ``deepspeed --num_gpus 8 -m polymae.jobs.pretrain ...`` or ``srun python -m polymae.jobs.pretrain ...``.
 """
 

@@ -208,3 +208,35 @@ def test_preflight_false_accepts_a_missing_shards_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:  # the pure checks still run
         load_config(PretrainConfig, None, [f"data.shards={tmp_path}/nope", "train.global_batch=6"], preflight=False)
     assert e.value.key == "train.global_batch"
+
+
+def _recipes() -> list[str]:
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("path", _recipes(), ids=os.path.basename)
+def test_recipe_is_valid_at_its_stated_world_size(path, monkeypatch):
+    """Each recipe states the GPUs it is written for (``# world_size: N``) and a justification of its ZeRO stage;
+    preflight at that world size accepts it (micro-batch x ranks divides the global batch)."""
+    import re
+
+    text = open(path).read()
+    m = re.search(r"^# world_size: (\d+)", text, re.M)
+    assert m, f"{path} states no '# world_size: N'"
+    assert "ZeRO" in text and "GB" in text  # the stage is argued from memory arithmetic
+    world = int(m.group(1))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = load_config(PretrainConfig, path, [])
+    assert cfg.train.global_batch // (cfg.train.micro_batch * world) >= 1
+    monkeypatch.setenv("WORLD_SIZE", str(world * 3))  # a size the recipe was not written for is refused, naming the key
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        load_config(PretrainConfig, path, [])
+
+
+def test_huge_recipe_on_64_gpus_with_its_stated_micro_batch(monkeypatch):
+    path = [p for p in _recipes() if p.endswith("multimae_vit_huge.yaml")][0]
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        load_config(PretrainConfig, path, [])
+    assert load_config(PretrainConfig, path, ["train.micro_batch=32"]).train.micro_batch == 32
