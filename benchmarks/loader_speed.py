@@ -11,8 +11,9 @@ them. Then, on the same shards and the same cores:
   flip, batches), at the same micro-batch.
 
 Each is timed at 1 and 2 reader processes (plain: one process per reader, each on its own shards;
-polymae: DataLoader workers), torch at one thread per process. Samples/s is counted after a warm-up
-batch per reader; the ratio polymae / plain is printed side by side (target >= 1.0).
+polymae: DataLoader workers), torch at one thread per process, in ``--repeats`` interleaved rounds (median
+shown). Samples/s is counted after a warm-up batch per reader; the ratio polymae / plain is printed side by
+side (target >= 1.0).
 
     .venv/bin/python benchmarks/loader_speed.py                      # 384 samples, 224 px, ~1-2 min
     .venv/bin/python benchmarks/loader_speed.py --samples 768 --img-size 224 --batch 32
@@ -25,6 +26,7 @@ import io
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--readers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per row; the median is shown")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -188,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'readers':>7} | {'plain samples/s':>15} | {'polymae':>9} | {'ratio':>6} | {'+ draft':>9} | {'ratio':>6} |"
               f" target >= {TARGET}")
         for r in args.readers:
-            plain = run_plain(urls, r, args.img_size, args.batch)
-            ours = run_polymae(urls, r, args.img_size, args.batch, jpeg_draft=False)
-            draft = run_polymae(urls, r, args.img_size, args.batch, jpeg_draft=True)
+            rounds = [(run_plain(urls, r, args.img_size, args.batch),
+                       run_polymae(urls, r, args.img_size, args.batch, jpeg_draft=False),
+                       run_polymae(urls, r, args.img_size, args.batch, jpeg_draft=True)) for _ in range(args.repeats)]
+            plain, ours, draft = (statistics.median(x[i] for x in rounds) for i in range(3))
             ok = "ok" if min(ours, draft) / plain >= TARGET else "BELOW"
             print(f"{r:>7} | {plain:>15.1f} | {ours:>9.1f} | {ours / plain:>6.3f} | {draft:>9.1f} | {draft / plain:>6.3f} |"
                   f" {ok}")

@@ -1,0 +1,311 @@
+"""Full-size MultiMAE ViT-H (``jobs/configs/multimae_vit_huge.yaml``): a few ZeRO-3 optimizer steps on 2 CPU ranks.
+
+Run ``python benchmarks/vith_step.py`` (it launches itself under ``torchrun --nproc_per_node=2``, gloo, 1 torch
+thread per rank; several minutes on 2 cores, ~20 GB of RAM in all). What runs is the recipe as written
+(``model.preset=huge``: ViT-H/16, 32 blocks of width 1280; ``model.grad_checkpointing=true``; 224 px; 98 of
+3 x 196 tokens visible; output adapters 256-d x 2 blocks, plus the official extra ``norm_rgb`` adapter) in its
+memory-short form, ``train.zero_stage=3`` with ``train.zero_init=true`` (what the recipe's header says to set
+where memory is short; ``--no-zero-init`` leaves zero_init off), with only what a 2-rank CPU run must change:
+``train.precision=fp32`` (amp_bf16 is the GPU recipe), ``train.micro_batch=1``, ``train.global_batch=2`` (1 per
+rank, no accumulation), ``data.num_workers=0`` and the synthetic shards below; ``--set key=value`` adds any
+other override (e.g. an optimizer-offload key, should one exist).
+
+Everything goes through polymae's public ``Trainer`` API, as ``Trainer.train()`` composes it: ``Trainer(cfg)``,
+``setup()`` (process group, model built and seeded as the recipe builds it, fused AdamW, DeepSpeed engine,
+loader), then ``train_step(iter(trainer.loader), step)`` per step inside ``process_settings()``, then
+``close()``. Checkpoints are not written (a ViT-H checkpoint is ~10 GB of disk per save).
+
+Data: rank 0 writes 8 synthetic 298-px samples (smooth colour fields + noise as JPEG, a depth ramp, a
+150-class semseg from intensity bands) as 2 polymae shards + stats + a manifest whose semseg teacher has
+``num_classes: 150`` (the ADE20K label set of the paper); each rank reads its own shard through the
+Trainer's ``ShardStream`` (random-resized crop to 224 px + flip).
+
+Printed per rank: Ψ (parameter count, ``ds_numel``), the model state DeepSpeed holds (its partitioned fp32
+parameters, gradient partition, fp32 master partition and Adam m/v, inventoried from the engine and its
+optimizer the way ``zero_memory.py`` does, aliases counted once) at the last step's end of backward and after
+its optimizer step, next to the formulas 16Ψ/N (fp32 Adam: 4+4+8 bytes), 20Ψ/N (DeepSpeed 0.19 in fp32, which
+keeps a cloned fp32 master partition) and the ZeRO paper's mixed-precision 16Ψ/N (2+2+12 bytes); the peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after set-up and at the end; seconds per step; each step's
+loss (all-reduced, so it must be the same on both ranks; checked, with finiteness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch import relaunch  # noqa: E402
+from zero_memory import CATEGORIES, MODEL_STATE, inventory, rss_bytes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "jobs", "configs", "multimae_vit_huge.yaml")
+NUM_CLASSES = 150
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------ data
+def write_shards(root: str, n: int, size: int, num_classes: int, per_shard: int = 4, seed: int = 0) -> None:
+    """Write ``n`` synthetic labelled samples of ``size`` px (JPEG colour fields, depth ramp, ``num_classes``-class
+    semseg from intensity bands) as polymae shards + stats + a manifest (semseg ``num_classes``) under ``root/train``."""
+    from PIL import Image
+
+    from polymae.datasets import shards, storage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    storage.makedirs(shards.split_dir(root, "train"))
+    entries = []
+    for idx in range(math.ceil(n / per_shard)):
+        url = shards.shard_url(root, "train", idx)
+        count = min(per_shard, n - idx * per_shard)
+        with shards.ShardTarWriter(url) as w:
+            for j in range(count):
+                a, b, c = rng.uniform(0.5, 4.0, 3)
+                rgb = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
+                rgb = np.clip((rgb * 0.5 + 0.5) * 255 + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+                lum = rgb.mean(-1) / 255.0
+                w.write(shards.LabelledSample(
+                    key=f"s{idx:03d}x{j:03d}", rgb_jpeg=buf.getvalue(), depth=(1.0 + yy * 4.0 + 0.1 * lum),
+                    semseg=np.minimum(lum * num_classes, num_classes - 1).astype(np.int64),
+                    num_classes=num_classes, meta={"source": "synthetic"}))
+        storage.write_json_atomic(shards.stats_url(root, "train", idx), {"samples_in": count, "written": count})
+        digest, nbytes = storage.sha256_of(url)
+        entries.append({"index": idx, "samples": count, "size": nbytes, "sha256": digest})
+    storage.write_json_atomic(shards.manifest_url(root, "train"), {
+        "schema_version": shards.SCHEMA_VERSION, "shards": entries,
+        "teachers": {"semseg": {"num_classes": num_classes, "label_set": f"synthetic-{num_classes}"}}})
+
+
+def overrides(args, root: str, out: str, world: int) -> list[str]:
+    """The ``key=value`` overrides applied to the recipe YAML: what a 2-rank CPU run must change, then ``--set``."""
+    keys = [f"output={out}", f"data.shards={root}", "data.num_workers=0", "data.shuffle_buffer=8", "train.zero_stage=3",
+            "train.micro_batch=1", f"train.global_batch={world}", "train.precision=fp32",
+            f"train.steps={args.steps}", "train.log_interval=1", "train.save_interval=1000000000"]
+    if args.preset:
+        keys.append(f"model.preset={args.preset}")
+    keys.append(f"train.zero_init={'true' if args.zero_init else 'false'}")
+    return keys + list(args.set)
+
+
+# ------------------------------------------------------------------------------------------ worker
+def max_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_steps(trainer, steps: int) -> tuple[list[dict], dict]:
+    """``steps`` optimizer steps through ``Trainer.train_step`` inside ``process_settings()``; per step its
+    seconds, losses, grad norm, RSS and peak RSS. During the last step the engine's model state is inventoried
+    at the end of backward (B: ``engine.step`` is wrapped to look first; the inventory's own time is taken out of
+    the step's seconds) and after the step (C)."""
+    import torch.distributed as dist
+
+    engine = trainer.engine
+    snaps: dict[str, dict] = {}
+
+    def snapshot_then_step(*a, **kw):
+        if "B" not in snaps:
+            t0 = time.perf_counter()
+            snaps["B"] = dict(inventory(engine).totals(), rss=rss_bytes())
+            snaps["B"]["seconds"] = time.perf_counter() - t0  # taken out of the step's time
+        return type(engine).step(engine, *a, **kw)
+
+    rows = []
+    batches = iter(trainer.loader)
+    with trainer.process_settings():
+        for step in range(steps):
+            if step == steps - 1:
+                engine.step = snapshot_then_step  # the instance attribute shadows the method
+            dist.barrier()
+            t0 = time.perf_counter()
+            result = trainer.train_step(batches, step, log=True)
+            dt = time.perf_counter() - t0 - snaps.get("B", {}).get("seconds", 0.0)
+            m = result.metrics
+            rows.append({"step": step + 1, "seconds": dt, "loss": m["loss"], "losses": m["losses"],
+                         "grad_norm": m["grad_norm"], "lr": m["lr"], "rss": rss_bytes(), "max_rss": max_rss()})
+        del engine.step
+        snaps["C"] = dict(inventory(engine).totals(), rss=rss_bytes())
+    return rows, snaps
+
+
+def worker(args) -> None:
+    """One rank: write the shards (rank 0), set up the Trainer on the recipe, run the steps, gather, report."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    from polymae.pipeline.config import load_config
+    from polymae.pipeline.train.config import PretrainConfig
+    from polymae.pipeline.train.distributed import init_deepspeed_distributed
+    from polymae.pipeline.train.trainer import Trainer
+
+    init_deepspeed_distributed()
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    logging.getLogger("polymae").setLevel(logging.ERROR)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t_all = time.perf_counter()
+    box = [tempfile.mkdtemp(prefix="polymae-vith-") if rank == 0 else None]
+    dist.broadcast_object_list(box)
+    tmp = box[0]
+    root, out = os.path.join(tmp, "shards"), os.path.join(tmp, "run")
+    try:
+        if rank == 0:
+            write_shards(root, n=4 * world, size=args.img_size * 4 // 3, num_classes=args.classes)
+        dist.barrier()
+        cfg = load_config(PretrainConfig, args.config, overrides(args, root, out, world))
+        res: dict = {"rank": rank, "rss0": rss_bytes(), "threads": torch.get_num_threads()}
+        trainer = Trainer(cfg)
+        t0 = time.perf_counter()
+        trainer.setup()
+        res.update(setup_s=time.perf_counter() - t0, rss_setup=rss_bytes(), max_rss_setup=max_rss(),
+                   psi=sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters()),
+                   optimizer=type(trainer.engine.optimizer).__name__,
+                   ds_zero=trainer.ds_config["zero_optimization"])
+        try:
+            res["rows"], res["snaps"] = run_steps(trainer, args.steps)
+        finally:
+            trainer.close()
+        res["max_rss"] = max_rss()
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, res)
+        if rank == 0:
+            print(report(args, cfg, gathered, time.perf_counter() - t_all))
+            sys.stdout.flush()
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ report
+def gib(x: float) -> str:
+    """Bytes as GiB (2**30) with 3 decimals."""
+    return f"{x / GiB:.3f}"
+
+
+def model_state(r: dict) -> dict[str, int]:
+    """One rank's per-category bytes, each at its larger over the instants B and C."""
+    return {c: max(r["snaps"][k][c] for k in "BC") for c in CATEGORIES}
+
+
+def report(args, cfg, ranks: list[dict], wall: float) -> str:
+    """The printed result (sizes in GiB = 2**30 bytes) from every rank's measurements."""
+    import deepspeed
+
+    n = len(ranks)
+    psi = ranks[0]["psi"]
+    m = cfg.model
+    tokens = (cfg.data.img_size // cfg.patch_size) ** 2 * len(m.active_modalities())
+    lines = [
+        f"{m.model_name} from {os.path.relpath(args.config, ROOT)}: Ψ = {psi:,} parameters ({gib(4 * psi)} GiB fp32); "
+        f"{cfg.data.img_size} px, {m.num_visible} of {tokens} tokens visible, decoders {m.decoder_dim}-d x "
+        f"{m.decoder_depth}, {args.classes} semseg classes, grad_checkpointing={m.grad_checkpointing}",
+        f"ZeRO-{cfg.train.zero_stage}, zero_init={cfg.train.zero_init}, {cfg.train.precision}, N = {n} ranks (torchrun, "
+        f"gloo, {ranks[0]['threads']} torch thread per rank), micro-batch {cfg.train.micro_batch}, global batch "
+        f"{cfg.train.global_batch}; optimizer {ranks[0]['optimizer']} around fused AdamW; overrides: "
+        + " ".join(overrides(args, "<tmp>/shards", "<tmp>/run", n)),
+        f"DeepSpeed zero_optimization: {ranks[0]['ds_zero']}",
+        "",
+        "Model state per rank, GiB (2**30 B), each category at its larger over B = end of step "
+        f"{args.steps}'s backward, C = after its optimizer step:",
+    ]
+    hdr = (f"{'rank':>4} | {'params':>7} {'grads':>7} {'master':>7} {'Adam':>7} | {'model st.':>9} | "
+           f"{'16Ψ/N':>7} {'ratio':>5} | {'20Ψ/N DS':>8} {'ratio':>5} | {'paper':>7} | {'buckets':>7} {'other':>7}")
+    lines += [hdr, "-" * len(hdr)]
+    fp32, ds, paper = 16 * psi / n, 20 * psi / n, (2 + 2 + 12) * psi / n
+    for r in ranks:
+        c = model_state(r)
+        ms = sum(c[k] for k in MODEL_STATE)
+        lines.append(f"{r['rank']:>4} | {gib(c['params']):>7} {gib(c['grads']):>7} {gib(c['fp32 master']):>7} "
+                     f"{gib(c['Adam m+v']):>7} | {gib(ms):>9} | {gib(fp32):>7} {ms / fp32:>5.2f} | {gib(ds):>8} "
+                     f"{ms / ds:>5.2f} | {gib(paper):>7} | {gib(c['buckets']):>7} {gib(c['other']):>7}")
+    lines += [
+        "16Ψ/N    = fp32 Adam, no master copy: params 4Ψ/N + grads 4Ψ/N + Adam m,v 8Ψ/N (ZeRO-3, Pos+g+p)",
+        "20Ψ/N DS = what DeepSpeed 0.19 keeps in fp32: the above + a cloned fp32 master partition 4Ψ/N",
+        "paper    = Rajbhandari et al. 2020 Fig. 1, mixed precision (K=12): fp16 params 2Ψ/N + fp16 grads 2Ψ/N + "
+        "fp32 master, m, v 12Ψ/N = 16Ψ/N",
+        "buckets  = ZeRO-3 ipg reduce bucket (residual state, outside the formulas); other = scalars",
+        "",
+        "Per step (seconds = one train_step, all ranks; loss = all-reduced mean over ranks as train_step logs it, "
+        "then its parts; RSS in GiB):",
+    ]
+    names = m.loss_names()
+    hdr = (f"{'step':>4} | " + " ".join(f"{'s r' + str(r['rank']):>7}" for r in ranks) + " | "
+           + " ".join(f"{'loss r' + str(r['rank']):>10}" for r in ranks) + " | " + " ".join(f"{k:>8}" for k in names) + " | "
+           f"{'lr':>8} | " + " ".join(f"{'RSS r' + str(r['rank']):>8}" for r in ranks))
+    lines += [hdr, "-" * len(hdr)]
+    for i, row0 in enumerate(ranks[0]["rows"]):
+        rows = [r["rows"][i] for r in ranks]
+        ls = row0["losses"]
+        lines.append(f"{row0['step']:>4} | " + " ".join(f"{x['seconds']:>7.1f}" for x in rows) + " | "
+                     + " ".join(f"{x['loss']:>10.6f}" for x in rows) + " | "
+                     + " ".join(f"{ls.get(k, float('nan')):>8.4f}" for k in names)
+                     + f" | {row0['lr']:>8.2e} | " + " ".join(f"{gib(x['rss']):>8}" for x in rows))
+    losses = [[x["loss"] for x in r["rows"]] for r in ranks]
+    finite = all(math.isfinite(v) for ls in losses for v in ls)
+    gap = max(abs(a - b) for ls in losses[1:] for a, b in zip(losses[0], ls)) if n > 1 else 0.0
+    lines += [
+        "",
+        f"losses finite: {'yes' if finite else 'NO'}; equal on all ranks: {'yes' if gap == 0 else 'NO'} "
+        f"(max |difference| {gap:.2e})",
+        "set-up (model build + deepspeed.initialize + loader), s: "
+        + ", ".join(f"r{r['rank']} {r['setup_s']:.1f}" for r in ranks),
+        "peak RSS (ru_maxrss), GiB: "
+        + ", ".join(f"r{r['rank']} {gib(r['max_rss_setup'])} after set-up, {gib(r['max_rss'])} at the end"
+                    for r in ranks)
+        + f"; sum of the ranks' peaks {gib(sum(r['max_rss'] for r in ranks))} GiB of "
+          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GiB:.1f} GiB RAM",
+        "RSS at B / C of the last step, GiB: "
+        + ", ".join(f"r{r['rank']} {gib(r['snaps']['B']['rss'])} / {gib(r['snaps']['C']['rss'])}" for r in ranks),
+        f"wall {wall:.0f} s (workers, shard writing included); load average at the end {os.getloadavg()[0]:.2f} on "
+        f"{os.cpu_count()} CPUs; torch {torch.__version__}, deepspeed {deepspeed.__version__}",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments; under torchrun run a rank, otherwise launch ``--nproc`` ranks of this script."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=RECIPE, help="recipe YAML (default jobs/configs/multimae_vit_huge.yaml)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
+    ap.add_argument("--no-zero-init", dest="zero_init", action="store_false",
+                    help="train.zero_init=false: every rank builds the whole model before DeepSpeed partitions it")
+    ap.add_argument("--preset", default="", help="override model.preset (e.g. tiny, to try the script quickly)")
+    ap.add_argument("--img-size", type=int, default=224, help="pixels of the shards' crops (default 224)")
+    ap.add_argument("--classes", type=int, default=NUM_CLASSES, help="semseg classes in the manifest (default 150)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="further config override")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks when launching itself (default 2)")
+    args = ap.parse_args(argv)
+    if args.img_size != 224:
+        args.set = [f"data.img_size={args.img_size}"] + args.set
+    if "LOCAL_RANK" in os.environ:  # started by torchrun
+        worker(args)
+        return
+    t0 = time.perf_counter()
+    rc = relaunch(__file__, args.nproc, argv)
+    print(f"end to end (torchrun launch included) {time.perf_counter() - t0:.0f} s")
+    raise SystemExit(rc)
+
+
+if __name__ == "__main__":
+    main()
