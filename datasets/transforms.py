@@ -87,12 +87,16 @@ def _jpeg_draft_factor(crop_h: int, crop_w: int, size: int) -> int:
 _TV_IO_PATCH = None
 
 
-def _bytes_tensor(data: bytes) -> torch.Tensor:
+def _quiet_torchvision_io() -> None:
     global _TV_IO_PATCH
     if _TV_IO_PATCH is None:  # once per process: torchvision warns on every decode call otherwise
         from polymae.patches import silence_torchvision_io_deprecation
 
         _TV_IO_PATCH = silence_torchvision_io_deprecation()
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    _quiet_torchvision_io()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -183,6 +187,10 @@ class MultiModalAugment:
         ratio: crop aspect ratio range.
         hflip: flip probability.
         jpeg_draft: let the JPEG decoder down-scale by 2/4/8 when the crop is at least twice ``img_size``.
+        rgb_decode: ``"cpu"`` decodes the JPEG here (in the loader worker); ``"device"`` leaves it to
+            :func:`to_model_inputs`, which decodes the batch on the training device (nvJPEG on a GPU,
+            ``torchvision.io.decode_jpeg(device="cuda")``) and crops/resizes it there: the sample then carries
+            ``rgb_jpeg`` (uint8 ``[n_bytes]``), ``rgb_box`` (int64 ``[4]``: top, left, h, w) and ``rgb_flip``.
     Output of ``__call__``: ``key``; ``rgb`` uint8 ``[3, S, S]``; ``depth`` uint16 ``[1, S, S]`` codes and
     ``depth_range`` (float, teacher units per 65535 codes); ``semseg`` ``[S/4, S/4]`` ids (uint8, or int32
     for label sets over 255 classes, ignore kept as stored); ``cls`` when the sample has one.
@@ -196,6 +204,7 @@ class MultiModalAugment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     jpeg_draft: bool = True
+    rgb_decode: str = "cpu"
 
     def box(self, height: int, width: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
         """``((top, left, h, w), flip)`` for an image of ``height x width`` pixels."""
@@ -212,7 +221,11 @@ class MultiModalAugment:
         rgb_bytes = raw[shards.RGB]
         H, W = image_size(rgb_bytes)
         box, flip = self.box(H, W, rng)
-        out: dict = {"key": raw["__key__"], "rgb": decode_rgb_crop(rgb_bytes, box, S, self.jpeg_draft, (H, W))}
+        out: dict = {"key": raw["__key__"]}
+        if self.rgb_decode == "device":
+            out.update(rgb_jpeg=_bytes_tensor(rgb_bytes), rgb_box=torch.tensor(box), rgb_flip=flip, rgb_size=S)
+        else:
+            out["rgb"] = decode_rgb_crop(rgb_bytes, box, S, self.jpeg_draft, (H, W))
         if shards.DEPTH in raw:
             codes = decode_png_array(raw[shards.DEPTH])
             _check_size("depth", codes, H, W)
@@ -248,6 +261,11 @@ def collate(samples: list[dict]) -> dict:
             batch[m] = torch.stack([s[m] for s in samples])
     if "depth" in batch:
         batch["depth_range"] = torch.tensor([s["depth_range"] for s in samples], dtype=torch.float32)
+    if all("rgb_jpeg" in s for s in samples):  # rgb_decode="device": bytes and boxes, decoded by to_model_inputs
+        batch["rgb_jpeg"] = [s["rgb_jpeg"] for s in samples]
+        batch["rgb_box"] = torch.stack([s["rgb_box"] for s in samples])
+        batch["rgb_flip"] = torch.tensor([s["rgb_flip"] for s in samples], dtype=torch.bool)
+        batch["rgb_size"] = samples[0]["rgb_size"]
     if all("cls" in s for s in samples):
         batch["cls"] = torch.tensor([s["cls"] for s in samples], dtype=torch.int64)
     return batch
@@ -262,13 +280,18 @@ def to_model_inputs(batch: dict, device: torch.device | str = "cpu", modalities:
     * ``depth``: ``[B, 1, S, S]`` ``dtype`` in teacher units, ``code / 65535 * depth_range``;
     * ``semseg``: ``[B, S/4, S/4]`` int64 class ids (ignore as stored).
 
-    ``modalities``: which of them to return (default: all present).
+    ``modalities``: which of them to return (default: all present). A batch built with ``rgb_decode="device"``
+    carries JPEG bytes instead of ``rgb``: they are decoded here, on ``device`` (nvJPEG on a GPU), cropped and
+    resized exactly as the loader would (:func:`decode_rgb_batch_on_device`).
     """
     device = torch.device(device)
-    mods = [m for m in ("rgb", "depth", "semseg") if m in batch] if modalities is None else list(modalities)
+    has_rgb = "rgb" in batch or "rgb_jpeg" in batch
+    mods = [m for m in ("rgb", "depth", "semseg") if m in batch or (m == "rgb" and has_rgb)] \
+        if modalities is None else list(modalities)
     out: dict[str, torch.Tensor] = {}
     for m in mods:
-        x = batch[m].to(device, non_blocking=True)
+        x = decode_rgb_batch_on_device(batch, device) if m == "rgb" and "rgb" not in batch \
+            else batch[m].to(device, non_blocking=True)
         if m == "rgb":
             mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
@@ -279,3 +302,31 @@ def to_model_inputs(batch: dict, device: torch.device | str = "cpu", modalities:
         else:
             out[m] = x.to(torch.int64)
     return out
+
+
+def decode_rgb_batch_on_device(batch: dict, device: torch.device | str, size: int | None = None) -> torch.Tensor:
+    """Decode a batch's ``rgb_jpeg`` on ``device`` (``torchvision.io.decode_jpeg(list, device=...)``: nvJPEG on a
+    GPU, libjpeg-turbo on the CPU), crop each to its ``rgb_box``, resize to ``size`` (default: the batch's
+    ``rgb_size``) with antialiased bicubic interpolation and apply ``rgb_flip`` — the same operations, in the same
+    order, as :func:`decode_rgb_crop` without draft mode, so both paths give identical pixels on the CPU.
+
+    Returns:
+        uint8 ``[B, 3, size, size]`` on ``device``.
+    Raises:
+        ValueError: no size known (``size`` not given and the batch has no ``rgb_size``).
+        RuntimeError: undecodable bytes (a decoding error on the device fails the step: it is not a per-sample skip).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    size = size or batch.get("rgb_size")
+    if not size:
+        raise ValueError("decode_rgb_batch_on_device needs the output size (size=...)")
+    _quiet_torchvision_io()
+    images = decode_jpeg(list(batch["rgb_jpeg"]), mode=ImageReadMode.RGB, device=torch.device(device))
+    out = []
+    for img, box, flip in zip(images, batch["rgb_box"].tolist(), batch["rgb_flip"].tolist()):
+        top, left, h, w = box
+        x = F.interpolate(img[None, :, top:top + h, left:left + w], size=(size, size), mode="bicubic",
+                          align_corners=False, antialias=True)[0]
+        out.append(x.flip(-1) if flip else x)
+    return torch.stack(out)
