@@ -19,6 +19,11 @@ Members of one sample:
 * ``cls``        – class index (ASCII integer), where the source has one.
 
 A second teacher for the same modality is stored as ``depth.<teacher>.png`` / ``semseg.<teacher>.png``.
+
+Reading: :func:`iter_raw_samples` streams whole shards through webdataset; :class:`SampleCursor` reads one
+shard from any sample on (tar headers only up to there, member data skipped with ``seek``), which the training
+stream uses to resume; :func:`trusted_shard_counts` / :func:`shard_sample_counts` give per-shard sample counts
+(manifest ``samples``, stats ``written``, else counted from the tar headers).
 """
 
 from __future__ import annotations
@@ -485,3 +490,222 @@ def iter_raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_every_shard,
                         workersplitter=_every_shard)
     yield from ds
+
+
+# ------------------------------------------------------------------------------- counts, seeking
+def _split_of(url: str) -> tuple[str, str, int] | None:
+    """``(root, split, index)`` of a shard URL laid out as ``{root}/{split}/{split}-NNNNNN.tar``, else None."""
+    parsed = parse_shard_name(url)
+    if parsed is None:
+        return None
+    d = url.rsplit("/", 1)[0] if "/" in url else "."
+    root, _, folder = d.rpartition("/")
+    return (root, parsed[0], parsed[1]) if folder == parsed[0] else None
+
+
+def _entries_beside(urls: list[str]) -> dict[str, dict]:
+    """``{url: manifest-or-stats entry}`` for the given shard URLs that have one (one ``done_shards`` per split
+    folder); URLs outside the shard layout or without an entry are left out."""
+    by_split: dict[tuple[str, str], dict[int, dict]] = {}
+    out = {}
+    for url in urls:
+        where = _split_of(url)
+        if where is None:
+            continue
+        root, split, index = where
+        if (root, split) not in by_split:
+            by_split[(root, split)] = done_shards(root or ".", split)
+        entry = by_split[(root, split)].get(index)
+        if entry is not None:
+            out[url] = entry
+    return out
+
+
+def _entry_count(entry: dict) -> int | None:
+    """Samples in a shard from its manifest entry (``samples``) or stats file (``written``); None if neither."""
+    for k in ("samples", "written"):
+        if entry.get(k) is not None:
+            return int(entry[k])
+    return None
+
+
+def shard_sample_counts(urls: list[str]) -> list[tuple[str, int]]:
+    """``(url, samples)`` for each shard URL, in the given order: the manifest's ``samples`` or the stats file's
+    ``written`` beside the shard, else counted from the tar's headers (:func:`count_samples`; no payload read).
+
+    Raises:
+        OSError: a shard without an entry that cannot be opened.
+    """
+    entries = _entries_beside(urls)
+    out = []
+    for url in urls:
+        n = _entry_count(entries.get(url, {}))
+        out.append((url, n if n is not None else count_samples(url)))
+    return out
+
+
+def trusted_shard_counts(root: str, split: str) -> list[tuple[str, int]]:
+    """``(url, samples)`` of the done shards of ``split`` in index order (see :func:`trusted_shard_urls`); the
+    counts come from the manifest (``samples``) or the stats files (``written``).
+
+    Raises:
+        FileNotFoundError: no done shard under ``{root}/{split}``.
+    """
+    done = done_shards(root, split)
+    urls = trusted_shard_urls(root, split)
+    counts = [_entry_count(done[i]) for i in sorted(done)]
+    return [(u, n if n is not None else count_samples(u)) for u, n in zip(urls, counts)]
+
+
+def mean_sample_bytes(shards_: list[tuple[str, int]]) -> float | None:
+    """Mean bytes per sample over ``(url, samples)`` shards: the manifest/stats ``size`` of each shard (its file
+    size where no entry gives one) over the summed counts; None when there are no samples."""
+    total = sum(n for _, n in shards_)
+    if total <= 0:
+        return None
+    entries = _entries_beside([u for u, _ in shards_])
+    size = 0
+    for url, _ in shards_:
+        s = entries.get(url, {}).get("size")
+        if s is None:
+            fs, path = storage.get_fs(url)
+            s = fs.size(path)
+        size += int(s)
+    return size / total
+
+
+_BLOCK = 512
+
+
+def _tar_number(field_: bytes) -> int:
+    """A tar header number: octal ASCII, or GNU base-256 when the top bit is set."""
+    if field_[:1] and field_[0] & 0x80:
+        return int.from_bytes(bytes([field_[0] & 0x7F]) + field_[1:], "big")
+    s = field_.split(b"\0", 1)[0].strip()
+    return int(s, 8) if s else 0
+
+
+def _tar_header(hdr: bytes) -> tuple[str, int, bytes]:
+    """``(name, size in bytes, type flag)`` of one 512-byte header.
+
+    Raises:
+        ValueError: a header whose checksum does not match (a corrupt or truncated tar).
+    """
+    chk = _tar_number(hdr[148:156])
+    if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+        raise ValueError("tar header checksum mismatch")
+    name = hdr[:100].split(b"\0", 1)[0]
+    if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
+        name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "replace"), _tar_number(hdr[124:136]), hdr[156:157]
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    for rec in data.decode("utf-8", "replace").split("\n"):
+        _, _, kv = rec.partition(" ")
+        if kv.startswith("path="):
+            return kv[5:]
+    return None
+
+
+class SampleCursor:
+    """Reads one shard tar sample by sample through an fsspec file, seeking over the data it does not need.
+
+    Members are grouped as webdataset groups them: consecutive members with the same key form a sample (key =
+    member name up to the first ``.`` of its base name, member = the rest, lower-cased). Headers are 512-byte
+    blocks; a member's data is read only when the sample is loaded, and skipped with ``seek`` otherwise, so
+    :meth:`skip` costs header reads only. A truncated or corrupt tar ends the shard early (``truncated`` is set).
+
+    Attributes: ``payload_bytes`` (member data bytes read), ``header_bytes`` (header bytes read).
+    Raises:
+        OSError: the shard cannot be opened (from the constructor).
+    """
+
+    def __init__(self, url: str):
+        fs, path = storage.get_fs(url)
+        self.url = url
+        self._fh = fs.open(path, "rb")
+        self._pos = 0
+        self._next: tuple[str, str, int, int] | None = None  # (key, member, data offset, size)
+        self.truncated = False
+        self.payload_bytes = self.header_bytes = 0
+        self._advance()
+
+    def _read_header(self) -> tuple[str, int, bytes] | None:
+        self._fh.seek(self._pos)
+        hdr = self._fh.read(_BLOCK)
+        self.header_bytes += len(hdr)
+        if len(hdr) < _BLOCK or hdr == bytes(_BLOCK):
+            self.truncated = len(hdr) < _BLOCK
+            return None
+        name, size, typ = _tar_header(hdr)
+        self._pos += _BLOCK + -(-size // _BLOCK) * _BLOCK
+        return name, size, typ
+
+    def _advance(self) -> None:
+        """Move ``_next`` to the next regular member that has a key (end of shard: None)."""
+        self._next, long_name = None, None
+        try:
+            while (h := self._read_header()) is not None:
+                name, size, typ = h
+                if typ in (b"L", b"x"):
+                    data = self._fh.read(size)
+                    self.header_bytes += len(data)
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace") if typ == b"L" else _pax_path(data)
+                    continue
+                name, long_name = long_name or name, None
+                if typ not in (b"0", b"\0", b"7"):
+                    continue
+                base = name.rsplit("/", 1)[-1]
+                if "." not in base or base.startswith("__"):
+                    continue
+                cut = len(name) - len(base) + base.index(".")
+                self._next = (name[:cut], name[cut + 1:].lower(), self._pos - -(-size // _BLOCK) * _BLOCK, size)
+                return
+        except ValueError:
+            self.truncated = True
+
+    def next_sample(self, load: bool = True) -> dict[str, Any] | None:
+        """The next sample: ``{"__key__", "__url__", member: bytes ...}`` (members only when ``load``), or None
+        at the end of the shard. A member whose data is cut short ends the shard (``truncated``)."""
+        if self._next is None:
+            return None
+        key = self._next[0]
+        out: dict[str, Any] = {"__key__": key, "__url__": self.url}
+        while self._next is not None and self._next[0] == key:
+            _, member_, offset, size = self._next
+            if load:
+                self._fh.seek(offset)
+                data = self._fh.read(size)
+                self.payload_bytes += len(data)
+                if len(data) < size:
+                    self.truncated, self._next = True, None
+                    return None
+                out[member_] = data
+            self._advance()
+        return out
+
+    def skip(self, n: int) -> int:
+        """Skip ``n`` samples reading headers only; returns how many were skipped (fewer at the shard's end)."""
+        done = 0
+        while done < n and self.next_sample(load=False) is not None:
+            done += 1
+        return done
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        self._fh.close()
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard tar, from its headers only (see :class:`SampleCursor`).
+
+    Raises:
+        OSError: the shard cannot be opened.
+    """
+    cur = SampleCursor(url)
+    try:
+        return cur.skip(1 << 62)
+    finally:
+        cur.close()

@@ -3,6 +3,11 @@
 Runs as a single process (``python -m polymae.jobs.pretrain``) or under a launcher, e.g.
 ``torchrun --nproc_per_node=8 -m polymae.jobs.pretrain --config jobs/configs/multimae_vit_base.yaml``,
 ``deepspeed --num_gpus 8 -m polymae.jobs.pretrain ...`` or ``srun python -m polymae.jobs.pretrain ...``.
+
+Exit status: 0 when the run finished, 2 on a config error, 75 (``PREEMPTED_EXIT_CODE``) when
+``train.preempt_signal`` stopped it early after saving a checkpoint (requeue and continue with ``resume=true``;
+``slurm/pretrain.sbatch`` does), anything else on a failure. Under ``torchrun`` the launcher reports a worker's
+status 75 as its own failure (status 1): use ``srun`` (one task per rank) where the status matters.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Sequence
 
 from polymae.jobs.common import run_job
 from polymae.pipeline.train.config import PretrainConfig
-from polymae.pipeline.train.trainer import Trainer
+from polymae.pipeline.train.trainer import PREEMPTED_EXIT_CODE, Trainer
 
 DOC = __doc__
 
@@ -22,11 +27,21 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``polymae pretrain``; returns the exit status (2 on a config error)."""
-    return run_job(PretrainConfig, run, argv, prog="polymae pretrain", doc=DOC,
-                   flag_map={"resume": "resume"},
-                   extra=lambda p: p.add_argument("--resume", action="store_true", default=None,
-                                                  help="continue from the newest checkpoint (same as resume=true)"))
+    """Entry point of ``polymae pretrain``; returns the exit status (2 on a config error, ``PREEMPTED_EXIT_CODE``
+    when stopped early by the preemption signal)."""
+    preempted = []
+
+    def train(cfg: PretrainConfig) -> dict:
+        trainer = Trainer(cfg)
+        out = trainer.train()
+        preempted.append(trainer.preempted)
+        return out
+
+    status = run_job(PretrainConfig, train, argv, prog="polymae pretrain", doc=DOC,
+                     flag_map={"resume": "resume"},
+                     extra=lambda p: p.add_argument("--resume", action="store_true", default=None,
+                                                    help="continue from the newest checkpoint (same as resume=true)"))
+    return PREEMPTED_EXIT_CODE if status == 0 and any(preempted) else status
 
 
 if __name__ == "__main__":

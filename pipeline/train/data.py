@@ -36,17 +36,21 @@ def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int =
     Each item is a compact dict (``datasets/transforms.py``): ``rgb`` uint8 ``[B, 3, S, S]``, ``depth`` uint16
     codes ``[B, 1, S, S]`` + ``depth_range [B]``, ``semseg`` ``[B, S/4, S/4]`` ids and ``key`` (sample names), with
     ``B = train.micro_batch`` and ``S = data.img_size`` pixels; ``to_model_inputs`` converts it on the device. ``skip_batches``: micro-batches of this rank
-    already consumed (``resumed step × gradient accumulation``), so a resumed run sees the same data.
+    already consumed (``resumed step × gradient accumulation``), so a resumed run sees the same data; the stream
+    seeks straight to it (cost bounded by one shuffle chunk, ``datasets/loader.py``).
+
+    Raises:
+        FileNotFoundError: no done shard under ``data.shards``/``data.split``.
     """
     from polymae.datasets import shards
     from polymae.datasets.loader import ShardStream, make_loader
     from polymae.datasets.transforms import MultiModalAugment
 
-    urls = shards.trusted_shard_urls(cfg.data.shards, cfg.data.split)
+    counts = shards.trusted_shard_counts(cfg.data.shards, cfg.data.split)
     aug = MultiModalAugment(img_size=cfg.data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip)
-    stream = ShardStream(urls, cfg.train.micro_batch, aug, rank=rank, world=world, seed=cfg.train.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=skip_batches,
-                         num_workers=cfg.data.num_workers)
+    stream = ShardStream(counts, cfg.train.micro_batch, aug, rank=rank, world=world, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
+                         skip_batches=skip_batches, num_workers=cfg.data.num_workers)
     return stream, make_loader(stream, cfg.data.num_workers)
 
 

@@ -7,9 +7,14 @@
 masks, DeepSpeed config) is in ``recipe.py``, the config in ``config.py``, the data in ``data.py``.
 
 The data stream, the masks (seeded by ``(seed, step, micro-step, rank)``) and the learning rate are functions of
-the step, so ``resume=true`` continues exactly from the newest checkpoint. Every change to process-global state
-(host allocator, torch seed, DeepSpeed's all-gather path and backward all-reduce, the SIGTERM handler) goes through
-``polymae.patches`` and is undone when ``train()`` ends (docs/ARCHITECTURE.md, "Where each concern lives").
+the step, so ``resume=true`` continues exactly from the newest complete checkpoint (all ranks checked to resume
+from the same step). Every change to process-global state (host allocator, torch seed, DeepSpeed's all-gather path
+and backward all-reduce, the preemption-signal handler) goes through ``polymae.patches`` and is undone when
+``train()`` ends (docs/ARCHITECTURE.md, "Where each concern lives").
+
+Preemption: ``train.preempt_signal`` (SIGTERM or SIGUSR1, what Slurm's ``--signal`` sends ahead of the time limit)
+makes every rank finish the current step, save a checkpoint and stop; :attr:`Trainer.preempted` is then True and
+``polymae pretrain`` exits with :data:`PREEMPTED_EXIT_CODE`, on which ``slurm/pretrain.sbatch`` requeues the job.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.distributed as dist
 
 from polymae.datasets.transforms import to_model_inputs
 from polymae.pipeline.config import ConfigError, save_config, to_dict
-from polymae.pipeline.train.checkpoint import MODEL_CONFIG, Checkpointer
+from polymae.pipeline.train.checkpoint import MODEL_CONFIG, Checkpointer, agreed_step
 from polymae.pipeline.train.config import PretrainConfig
 from polymae.pipeline.train.data import build_loader, shard_label_info
 from polymae.pipeline.train.metrics_log import MetricsLogger, device_peak_flops, peak_memory_gib
@@ -36,6 +41,11 @@ from polymae.pipeline.train.recipe import (bucketed_gloo_comm, deepspeed_config,
                                            masking_kwargs, model_kwargs, register_zero3_external_params)
 
 log = logging.getLogger(__name__)
+
+#: exit status of a run stopped early by ``train.preempt_signal`` after saving its checkpoint: 75 is sysexits.h's
+#: EX_TEMPFAIL ("temporary failure, try again"), distinct from success (0), Python errors (1), usage errors (2)
+#: and deaths by signal (128 + n); slurm/pretrain.sbatch requeues the job on it and only on it
+PREEMPTED_EXIT_CODE = 75
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class StepResult:
         metrics: on a logging step, the ``metrics.jsonl`` row (see ``metrics_log.py``): ``step`` (1-based),
             ``loss`` and ``losses`` averaged over all ranks, micro-batches and the steps since the last logged
             one, ``lr``, ``grad_norm``, throughput over those steps, memory; ``None`` on other steps.
-        stop: some rank was asked to stop (SIGTERM) during the step; all ranks agree on it.
+        stop: some rank was asked to stop (``train.preempt_signal``) during the step; all ranks agree on it.
         data_wait_s: seconds this rank waited for its micro-batches.
     """
 
@@ -76,6 +86,7 @@ class Trainer:
         self.flops_per_sample: float | None = None  # training FLOPs per sample, counted once (MFU)
         self.tokens_per_sample: int | None = None  # encoder tokens per sample (tokens/s)
         self._stop = False
+        self.preempted = False  # train() stopped early on the preemption signal (after saving)
         self._patches: list = []  # polymae.patches handles of setup(), restored by close()
         # device-side sums of [total loss, per-modality losses] since the last logged step (no host sync per step)
         self._loss_sums: torch.Tensor | None = None
@@ -123,10 +134,24 @@ class Trainer:
             # nothing to average over one rank: skip DeepSpeed's flatten + all-reduce + unflatten of every grad
             self._patches.append(skip_backward_allreduce(self.engine))
         self.checkpointer = Checkpointer(self.engine, cfg.output, keep_last=cfg.train.keep_last)
-        self.start_step = self.checkpointer.load() if cfg.resume else 0
+        self.start_step = self._agree_resumed_step(self.checkpointer.load()) if cfg.resume else 0
         if self.rank == 0:
             self._write_run_files(n_params)
         self.stream, self.loader = build_loader(cfg, self.rank, self.world, skip_batches=self.start_step * self.ga)
+
+    def _agree_resumed_step(self, step: int) -> int:
+        """``step`` once every rank is known to have resumed from it: MIN and MAX all-reduced on the host flag
+        group; on a mismatch all steps are gathered and :func:`agreed_step` raises RuntimeError naming them."""
+        if self._flag_group is None:
+            return step
+        lo, hi = torch.tensor([step], dtype=torch.int64), torch.tensor([step], dtype=torch.int64)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self._flag_group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self._flag_group)
+        if int(lo.numpy()[0]) == int(hi.numpy()[0]):
+            return step
+        steps = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(steps, torch.tensor([step], dtype=torch.int64), group=self._flag_group)
+        return agreed_step([int(t.numpy()[0]) for t in steps])
 
     def _build_model(self) -> torch.nn.Module:
         """The model, seeded by ``train.seed`` (inside ``deepspeed.zero.Init`` for ZeRO-3 with ``zero_init``)."""
@@ -147,6 +172,8 @@ class Trainer:
             model = create_model(cfg.model.model_name, **model_kwargs(cfg, n_cls, ignore))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if cfg.train.compile:  # per encoder block, lazily at the first forward; keeps names and module hooks
+            model.encoder.compile_blocks()
         if cfg.train.zero_stage == 3:
             register_zero3_external_params(model)
         self.init_kwargs = dict(model.init_kwargs)
@@ -171,15 +198,15 @@ class Trainer:
     def process_settings(self) -> Iterator[None]:
         """While inside: this run's process-wide settings, undone on exit (several Trainers may share a process,
         so each ``train()`` sets its own): on gloo with 2+ ranks the ZeRO-1/2 all-gather path
-        (``train.gloo_bucketed_comm``, set either way to undo another Trainer's choice), and the SIGTERM handler
-        (Slurm preemption: finish the step, save, stop). Needs :meth:`setup` first."""
+        (``train.gloo_bucketed_comm``, set either way to undo another Trainer's choice), and the handler of
+        ``train.preempt_signal`` (Slurm preemption: finish the step, save, stop). Needs :meth:`setup` first."""
         from polymae.patches import bucketed_all_gather, signal_handlers
         from polymae.pipeline.train.distributed import use_cuda
 
         with contextlib.ExitStack() as stack:
             if self.world > 1 and not use_cuda():
                 stack.enter_context(bucketed_all_gather(bucketed_gloo_comm(self.cfg, self.world, gloo=True)))
-            stack.enter_context(signal_handlers(self._on_sigterm, (signal.SIGTERM,)))
+            stack.enter_context(signal_handlers(self._on_preempt, (getattr(signal, self.cfg.train.preempt_signal),)))
             yield
 
     def metrics_logger(self, first_step: int | None = None) -> MetricsLogger:
@@ -202,11 +229,12 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------
     def request_stop(self) -> None:
         """Ask the run to stop after the current step (all ranks learn of it in that step's all-reduce); the
-        SIGTERM handler calls this."""
+        preemption-signal handler calls this."""
         self._stop = True
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning("signal %d: will save a checkpoint and stop after this step", signum)
+    def _on_preempt(self, signum: int, frame: Any) -> None:
+        """Handler of ``train.preempt_signal``: log and :meth:`request_stop` (nothing else is safe in a handler)."""
+        log.warning("%s: will save a checkpoint and stop after this step", signal.Signals(signum).name)
         self.request_stop()
 
     def forward(self, batch: dict, step: int, micro: int):
@@ -228,7 +256,7 @@ class Trainer:
         with counter or contextlib.nullcontext():
             out = self.forward(batch, step, micro)
         if counter is not None:
-            self.flops_per_sample = 3 * counter.get_total_flops() / batch["rgb"].shape[0]
+            self.flops_per_sample = 3 * counter.get_total_flops() / len(batch["key"])
         self.engine.backward(out.loss)
         return out
 
@@ -277,7 +305,7 @@ class Trainer:
             self._loss_sums = torch.zeros(1 + len(mods), dtype=torch.float32, device=out.loss.device)
             if self.tokens_per_sample is None:  # visible (encoder) tokens, from the first micro-batch only
                 visible = sum(int((~mk).sum()) for mk in out.masks.values())
-                self.tokens_per_sample = int(visible / batch["rgb"].shape[0])
+                self.tokens_per_sample = int(visible / len(batch["key"]))
         zero = out.loss.new_zeros(())
         parts = [out.loss.detach()] + [out.losses[m].detach() if m in out.losses else zero for m in mods]
         self._loss_sums += torch.stack([p.float() for p in parts])
@@ -315,8 +343,9 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run from the start (or resumed) step to ``train.steps``, saving every ``train.save_interval`` steps, at
-        the end, and after a SIGTERM (then stopping early). Returns the last logged metrics row ({} on ranks
-        other than 0). Process-global changes are undone when it returns or raises."""
+        the end, and after ``train.preempt_signal`` (then stopping early with :attr:`preempted` set). Returns the
+        last logged metrics row ({} on ranks other than 0). Process-global changes are undone when it returns or
+        raises."""
         cfg = self.cfg
         last: dict = {}
         try:
@@ -330,8 +359,10 @@ class Trainer:
                     done = step + 1
                     if result.stop or done % cfg.train.save_interval == 0 or done == cfg.train.steps:
                         self.checkpointer.save(done)
-                    if result.stop:
-                        log.warning("stopped at step %d after SIGTERM (checkpoint saved)", done)
+                    if result.stop and done < cfg.train.steps:
+                        self.preempted = True
+                        log.warning("stopped at step %d after %s (checkpoint saved); exit status %d means: requeue",
+                                    done, cfg.train.preempt_signal, PREEMPTED_EXIT_CODE)
                         break
             if self.stream.skipped_corrupt:
                 log.warning("skipped %d corrupt samples in the main process", self.stream.skipped_corrupt)
@@ -340,4 +371,4 @@ class Trainer:
         return last
 
 
-__all__ = ["Trainer", "StepResult"]
+__all__ = ["Trainer", "StepResult", "PREEMPTED_EXIT_CODE"]

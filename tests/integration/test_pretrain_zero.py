@@ -68,24 +68,32 @@ def test_sigkill_then_resume_matches_uninterrupted(synthetic_shards, tmp_path):
     assert _losses(run) == ref_losses
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(synthetic_shards, tmp_path):
-    """Slurm preemption: SIGTERM → finish the step, save, exit 0; resume=true then finishes the run."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_a_checkpoint_and_stops(synthetic_shards, tmp_path, sig):
+    """Slurm preemption: train.preempt_signal → finish the step, save, exit 75 (requeue me); resume=true then
+    finishes the run and exits 0 (checked once, for SIGTERM)."""
     import sys
+
+    from polymae.pipeline.train.trainer import PREEMPTED_EXIT_CODE
 
     run = str(tmp_path / "preempted")
     args = [sys.executable, "-m", "polymae.jobs.pretrain", f"data.shards={synthetic_shards}", f"output={run}",
-            "train.save_interval=1000", "data.num_workers=0", *[a for a in COMMON if not a.startswith(
-                ("data.num_workers", "train.global_batch"))], "train.global_batch=2", "train.steps=200"]
+            "train.save_interval=1000", "data.num_workers=0", f"train.preempt_signal={sig}",
+            *[a for a in COMMON if not a.startswith(("data.num_workers", "train.global_batch"))],
+            "train.global_batch=2", "train.steps=200"]
     proc = subprocess.Popen(args, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ok = wait_for(lambda: any(r["step"] >= 2 for r in read_metrics(run)), timeout=300)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
-    assert ok and proc.returncode == 0, err[-3000:]
+    assert ok and proc.returncode == PREEMPTED_EXIT_CODE, (proc.returncode, err[-3000:])
     last = max(r["step"] for r in read_metrics(run))
     assert last < 200
     with open(os.path.join(run, "checkpoints", "latest")) as fh:
         assert fh.read().strip() == f"step-{last:08d}"  # saved at the step it stopped, not at save_interval
+    assert os.path.exists(os.path.join(run, "checkpoints", f"step-{last:08d}", "complete.json"))
+    if sig != "SIGTERM":
+        return
     r = subprocess.run([*args[:-1], f"train.steps={last + 2}", "resume=true"], env=train_env(), capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]  # finished: exit 0, not the preempted status
     assert max(r["step"] for r in read_metrics(run)) == last + 2

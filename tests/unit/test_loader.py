@@ -1,4 +1,5 @@
-"""The training stream: one crop/flip shared by all modalities, determinism, resume skipping, corrupt samples."""
+"""The training stream: one crop/flip shared by all modalities, determinism, balanced readers, O(1) exact resume
+with 0-3 loader workers, corrupt samples that keep their position."""
 
 import io
 import os
@@ -9,7 +10,8 @@ import torch
 from PIL import Image
 
 from polymae.datasets import shards
-from polymae.datasets.loader import ShardStream
+from polymae.datasets import loader as L
+from polymae.datasets.loader import ShardStream, make_loader
 from polymae.datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, MultiModalAugment, collate, sample_rng,
                                          to_model_inputs)
 
@@ -183,5 +185,170 @@ def test_loader_workers_survive_sigterm_to_the_whole_process_group(tmp_path):
 def test_a_stream_whose_every_sample_fails_raises_instead_of_spinning(tmp_path):
     names = [f"img{i:02d}" for i in range(4)]
     urls = _write_shards(str(tmp_path), names, per_shard=4, corrupt=set(names))
-    with pytest.raises(RuntimeError, match="all 4 samples of epoch 0 failed"):
+    with pytest.raises(RuntimeError, match=r"no sample of a micro-batch decodes: \['img00', 'img01'\]"):
         next(iter(ShardStream(urls, 2, MultiModalAugment(img_size=32), shuffle_buffer=0)))
+    with pytest.raises(RuntimeError, match="no sample of its 2 batches decodes"):
+        list(ShardStream(urls, 2, MultiModalAugment(img_size=32), shuffle_buffer=0, infinite=False))
+
+
+
+class CountingAugment(MultiModalAugment):
+    """The real transform, counting its calls (samples decoded) in this process."""
+
+    calls = 0
+
+    def __call__(self, raw, rng):
+        CountingAugment.calls += 1
+        return super().__call__(raw, rng)
+
+
+def _batches(stream, n, workers=None):
+    """The first ``n`` batches of ``stream`` (through ``make_loader`` with ``workers`` workers, else in-process)."""
+    it = iter(make_loader(stream, workers) if workers is not None else stream)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_resume_at_any_batch_with_any_worker_count_is_exact(tmp_path, workers):
+    """Rank 1 of 2, 0-3 DataLoader workers, chunks (3) that straddle micro-batches (2), several epochs: resuming
+    at batch k gives the uninterrupted stream's keys and tensors from batch k on."""
+    urls = _write_shards(str(tmp_path), [f"img{i:02d}" for i in range(30)], per_shard=4)
+    aug = MultiModalAugment(img_size=32)
+    kw = dict(rank=1, world=2, seed=3, shuffle_buffer=3, num_workers=workers)
+    total = 14
+    full = _batches(ShardStream(urls, 2, aug, **kw), total, workers)
+    for k in (1, 5, 9) if workers in (0, 3) else (5,):
+        resumed = _batches(ShardStream(urls, 2, aug, skip_batches=k, **kw), total - k, workers)
+        assert [b["key"] for b in resumed] == [b["key"] for b in full[k:]], k
+        for a, b in zip(resumed, full[k:]):
+            assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["depth"], b["depth"])
+    per_reader = 30 // (2 * max(1, workers))
+    assert len({k for b in full for k in b["key"]}) >= min(15, per_reader * max(1, workers))  # not one sample repeated
+
+
+def test_reader_ranges_partition_every_epoch():
+    """Pure arithmetic: readers' ranges tile [0, N) and their lengths differ by at most one."""
+    for n in range(0, 40):
+        for readers in range(1, 8):
+            ranges = [L.reader_range(n, r, readers) for r in range(readers)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            lens = [hi - lo for lo, hi in ranges]
+            assert max(lens) - min(lens) <= 1
+
+
+def test_one_epoch_visits_every_sample_exactly_once(tmp_path):
+    """23 samples in shards of 5,5,5,5,3 over 4 readers (micro-batch 2): ranges of 5,6,6,6 samples; a training
+    epoch yields each reader's floor(len/2) batches, disjoint, and only the remainder (one sample) is dropped; a
+    single pass without drop_last visits all 23 exactly once; the next epoch is another order."""
+    names = [f"img{i:02d}" for i in range(23)]
+    urls = _write_shards(str(tmp_path), names, per_shard=5)
+    aug = MultiModalAugment(img_size=32)
+    seen, lens = [], []
+    for r in range(4):
+        s = ShardStream(urls, 2, aug, rank=r, world=4, seed=7, shuffle_buffer=4)
+        lens.append(sum(b - a for _, a, b in s.plan(0, r, 4)))
+        per_epoch = s.batches_per_epoch(r, 4)
+        assert per_epoch == lens[-1] // 2
+        batches = _batches(s, 2 * per_epoch)
+        seen += [k for b in batches[:per_epoch] for k in b["key"]]
+        assert sorted(k for b in batches[per_epoch:] for k in b["key"]) != sorted(
+            k for b in batches[:per_epoch] for k in b["key"]) or lens[-1] % 2 == 0
+    assert sorted(lens) == [5, 6, 6, 6]
+    assert len(seen) == len(set(seen)) == 22 and set(seen) <= set(names)
+    single = []
+    for r in range(4):
+        s = ShardStream(urls, 2, aug, rank=r, world=4, seed=7, shuffle_buffer=4, infinite=False, drop_last=False)
+        single += [k for b in s for k in b["key"]]
+    assert sorted(single) == names
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
+def test_fewer_shards_than_readers_each_reader_opens_only_its_shards(tmp_path, sizes):
+    """2 shards, 4 readers: a reader opens exactly the shards that hold the samples it yields (one shard, or two
+    where its range crosses the boundary), not every shard."""
+    names = [f"img{i:02d}" for i in range(sum(sizes))]
+    urls = []
+    for i, (lo, n) in enumerate(zip((0, sizes[0]), sizes)):
+        urls += _write_shards(str(tmp_path / str(i)), names[lo:lo + n], per_shard=n)
+    home = {k: urls[0] if i < sizes[0] else urls[1] for i, k in enumerate(names)}
+    aug = MultiModalAugment(img_size=32)
+    opened_any = 0
+    for r in range(4):
+        s = ShardStream(urls, 1, aug, rank=r, world=4, seed=5, shuffle_buffer=8)
+        keys = [k for b in _batches(s, s.batches_per_epoch(r, 4)) for k in b["key"]]
+        assert list(s.opened) == list(dict.fromkeys(home[k] for k in keys))  # once each, only those it needs
+        assert list(s.opened) == [u for u, _, _ in s.plan(0, r, 4)]
+        opened_any += len(s.opened)
+    assert opened_any == (4 if sizes == (4, 4) else 5)
+
+
+def test_a_corrupt_sample_keeps_its_position(tmp_path):
+    """Same names, one corrupt: every position holds the clean run's key, except the corrupt sample's, which
+    holds a copy of a good sample of the same batch (counted); the tensors of the other positions are equal."""
+    names = [f"img{i:02d}" for i in range(12)]
+    clean = _write_shards(str(tmp_path / "clean"), names, per_shard=4)
+    bad = _write_shards(str(tmp_path / "bad"), names, per_shard=4, corrupt={"img05"})
+    aug = MultiModalAugment(img_size=32)
+    ref = _batches(ShardStream(clean, 3, aug, seed=2, shuffle_buffer=5), 8)  # two epochs
+    s = ShardStream(bad, 3, aug, seed=2, shuffle_buffer=5)
+    got = _batches(s, 8)
+    replaced = 0
+    for a, b in zip(ref, got):
+        for i, (ka, kb) in enumerate(zip(a["key"], b["key"])):
+            if ka == "img05":
+                assert kb != "img05" and kb in a["key"]
+                j = b["key"].index(kb)
+                assert torch.equal(b["rgb"][i], b["rgb"][j])
+                replaced += 1
+            else:
+                assert ka == kb and torch.equal(a["rgb"][i], b["rgb"][i])
+    assert replaced == 2 and s.skipped_corrupt == 2
+
+
+def test_skipping_to_batch_10000_reads_only_the_batch_it_yields(tmp_path):
+    """1500 real 8-sample shards (hard links of one) = 12,000 samples: resuming at batch 10,000 (position 16 of
+    its 24-sample chunk) opens only that chunk's shards, decodes only the batch's sample and reads the payload of
+    the chunk's 8 remaining samples only; it matches the stream resumed one batch earlier."""
+    src = _write_shards(str(tmp_path / "one"), [f"img{i:02d}" for i in range(8)], per_shard=8)[0]
+    urls = []
+    for i in range(1500):
+        u = shards.shard_url(str(tmp_path), "train", i)
+        os.makedirs(os.path.dirname(u), exist_ok=True)
+        os.link(src, u)
+        urls.append((u, 8))
+    sample_bytes = max(sum(len(v) for v in raw.values() if isinstance(v, bytes))
+                       for raw in shards.iter_raw_samples([src]))
+    aug = CountingAugment(img_size=32)
+    CountingAugment.calls = 0
+    s = ShardStream(urls, 1, aug, seed=1, shuffle_buffer=24, skip_batches=10_000)
+    first = next(iter(s))
+    assert CountingAugment.calls == 1 and 0 < s.payload_bytes <= 8 * sample_bytes
+    chunk_shards = [u for u, a, b in s.plan(0, 0, 1)[1248:1251]]  # the chunk: positions 9984-10007
+    assert len(s.opened) <= 3 and set(s.opened) <= set(chunk_shards)
+    before = ShardStream(urls, 1, aug, seed=1, shuffle_buffer=24, skip_batches=9_999)
+    assert _batches(before, 2)[1]["key"] == first["key"]
+
+
+def test_shuffle_chunk_is_bounded_in_bytes(tmp_path):
+    """``shuffle_buffer_mb`` bounds the chunk at the manifest's mean sample size; at least one sample."""
+    assert L.chunk_samples(256, 1.0, 2**20 / 4) == 4
+    assert L.chunk_samples(256, 1.0, 2**30) == 1
+    assert L.chunk_samples(3, 1.0, 1.0) == 3 and L.chunk_samples(0, 1.0, 1.0) == 0
+    urls = _write_shards(str(tmp_path), [f"img{i:02d}" for i in range(6)], per_shard=3)
+    mean = shards.mean_sample_bytes(shards.shard_sample_counts(urls))
+    s = ShardStream(urls, 1, MultiModalAugment(img_size=32), shuffle_buffer=100, shuffle_buffer_mb=2.5 * mean / 2**20)
+    assert s.chunk == 2 and s.total == 6
+
+
+def test_a_truncated_shard_keeps_every_position(tmp_path):
+    """A shard cut short: the stream still yields every batch, the lost samples replaced inside their batches."""
+    names = [f"img{i:02d}" for i in range(8)]
+    urls = _write_shards(str(tmp_path), names, per_shard=4)
+    data = open(urls[1], "rb").read()
+    with open(urls[1], "wb") as fh:
+        fh.write(data[:len(data) // 3])
+    s = ShardStream([(u, 4) for u in urls], 4, MultiModalAugment(img_size=32), shuffle_buffer=0)
+    batches = _batches(s, 2)
+    assert batches[0]["key"] == names[:4] and batches[1]["key"][0] == "img04"
+    assert len(batches[1]["key"]) == 4 and s.skipped_corrupt >= 1

@@ -52,11 +52,12 @@ class _Engine:
             with open(os.path.join(folder, "latest"), "w") as fh:
                 fh.write(tag)
 
-    def load_checkpoint(self, folder):
-        if not os.path.exists(os.path.join(folder, "latest")):
-            return None, None
-        with open(os.path.join(folder, "latest")) as fh:
-            tag = fh.read()
+    def load_checkpoint(self, folder, tag=None):
+        if tag is None:
+            if not os.path.exists(os.path.join(folder, "latest")):
+                return None, None
+            with open(os.path.join(folder, "latest")) as fh:
+                tag = fh.read()
         with open(os.path.join(folder, tag, "state.json")) as fh:
             self.loaded = tag
             return os.path.join(folder, tag), json.load(fh)
