@@ -46,7 +46,7 @@ def write_run_shards(root: str, n: int) -> None:
         "teachers": {"semseg": {"num_classes": NUM_CLASSES, "label_set": "synthetic-150"}}})
 
 
-def run_one(shards_root: str, out: str, preset: str, compile_: bool, args) -> dict:
+def run_one(shards_root: str, out: str, preset: str, compile_: bool, args, rgb_decode: str = "cpu") -> dict:
     """Train ``--warmup + --steps`` steps of MultiMAE-``preset``; returns the medians of the measured steps."""
     import torch
 
@@ -59,7 +59,8 @@ def run_one(shards_root: str, out: str, preset: str, compile_: bool, args) -> di
                  f"train.steps={steps}", f"train.micro_batch={args.batch}", f"train.global_batch={args.batch}",
                  f"train.precision={args.precision}", "train.zero_stage=2", f"train.compile={str(compile_).lower()}",
                  f"data.num_workers={args.workers}", "train.save_interval=1000000", "train.log_interval=1",
-                 "model.extra_norm_pix_loss=true", f"model.num_visible={args.num_visible}"]
+                 "model.extra_norm_pix_loss=true", f"model.num_visible={args.num_visible}",
+                 f"data.rgb_decode={rgb_decode}"]
     cfg = load_config(PretrainConfig, None, overrides)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def run_one(shards_root: str, out: str, preset: str, compile_: bool, args) -> di
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"preset": preset, "compile": compile_, "images_per_s": med("images_per_s"), "mfu": med("mfu"),
+    return {"preset": preset, "compile": compile_, "rgb_decode": rgb_decode, "images_per_s": med("images_per_s"), "mfu": med("mfu"),
             "tflops_per_s": med("tflops_per_s"), "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
             "data_wait_pct": med("data_wait_pct"), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
             "wall_s": wall}
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=8, help="loader workers (the default recipe uses 8 per GPU)")
     p.add_argument("--precision", default="amp_bf16", choices=["amp_bf16", "bf16", "fp32"])
+    p.add_argument("--rgb-decode", nargs="+", default=["cpu", "device"], choices=["cpu", "device"],
+                   help="JPEG decoding in the loader workers and/or on the GPU (nvJPEG); eager ViT-B only for 'device'")
     p.add_argument("--samples", type=int, default=1024, help="samples in the synthetic ImageNet-size shards")
     p.add_argument("--cpu", action="store_true", help="smoke test on CPU (fp32)")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -114,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.compile:
                 rows.append(run_one(os.path.join(tmp, "shards"), os.path.join(tmp, f"run-{preset}-{mode}"), preset,
                                     mode == "compiled", args))
+        if "device" in args.rgb_decode:  # nvJPEG on the training device, eager, the first preset
+            rows.append(run_one(os.path.join(tmp, "shards"), os.path.join(tmp, "run-nvjpeg"), args.presets[0], False,
+                                args, rgb_decode="device"))
     import deepspeed
 
     print(f"{device}; torch {torch.__version__}, deepspeed {deepspeed.__version__}; {args.precision}, ZeRO-2, world 1, "
           f"{args.img_size} px, micro-batch {args.batch}, {args.workers} loader workers; medians of {args.steps} steps "
           f"after {args.warmup}")
-    print(f"{'model':<10} | {'mode':<8} | {'images/s':>9} | {'TFLOP/s':>8} | {'MFU':>6} | {'peak GiB':>8} | "
+    print(f"{'model':<10} | {'mode':<8} | {'jpeg':<6} | {'images/s':>9} | {'TFLOP/s':>8} | {'MFU':>6} | {'peak GiB':>8} | "
           f"{'data wait %':>11} | {'loss first->last':>18}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"MultiMAE-{r['preset'][0].upper()} | {'compiled' if r['compile'] else 'eager':<8} | {r['images_per_s']:>9.1f} | "
+        print(f"MultiMAE-{r['preset'][0].upper()} | {'compiled' if r['compile'] else 'eager':<8} | {r['rgb_decode']:<6} | "
+              f"{r['images_per_s']:>9.1f} | "
               f"{r['tflops_per_s']:>8.1f} | {mfu:>6} | {r['peak_memory_gib']:>8.2f} | {r['data_wait_pct']:>11.2f} | "
               f"{r['loss_first']:>8.4f}->{r['loss_last']:.4f}")
     print("targets: ViT-B MFU >= 40 % (H100/H200, 989 TFLOP/s dense bf16 peak), data wait < 5 %")

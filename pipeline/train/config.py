@@ -34,6 +34,10 @@ class DataConfig:
     num_workers: int = field_(1, help="data-loader worker processes per rank")
     shuffle_buffer: int = field_(256, help="shuffle chunk in samples per reader: each reader permutes chunks of "
                                  "this many consecutive samples of its range (0 = no shuffle)")
+    rgb_decode: Literal["cpu", "device"] = field_(
+        "cpu", help="where RGB JPEGs are decoded: cpu = in the loader workers (libjpeg-turbo); device = on the "
+                    "training device from the loader's bytes + crop boxes (nvJPEG on a GPU), for hosts whose "
+                    "CPUs cannot keep the GPU fed")
     shuffle_buffer_mb: float = field_(512.0, help="bound on the shuffle chunk in MiB of raw samples per reader, at "
                                       "the shards' mean sample size (manifest sizes / counts)")
 

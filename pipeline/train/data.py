@@ -47,7 +47,8 @@ def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int =
     from polymae.datasets.transforms import MultiModalAugment
 
     counts = shards.trusted_shard_counts(cfg.data.shards, cfg.data.split)
-    aug = MultiModalAugment(img_size=cfg.data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip)
+    aug = MultiModalAugment(img_size=cfg.data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
+                            rgb_decode=cfg.data.rgb_decode)
     stream = ShardStream(counts, cfg.train.micro_batch, aug, rank=rank, world=world, seed=cfg.train.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
                          skip_batches=skip_batches, num_workers=cfg.data.num_workers)
