@@ -122,7 +122,9 @@ try:
     t._agree_resumed_step(4 + 2 * rank)
 except RuntimeError as e:
     out["error"] = str(e)
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+dist.barrier()
+dist.destroy_process_group()  # a gloo group left alive at exit can abort the process ("terminate called ...")
 """
 
 
