@@ -170,6 +170,9 @@ class Trainer:
         zero_init = cfg.train.zero_stage == 3 and cfg.train.zero_init
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config) if zero_init else contextlib.nullcontext():
             model = create_model(cfg.model.model_name, **model_kwargs(cfg, n_cls, ignore))
+        if zero_init:  # partitioned as built: init_weights() skipped them; re-run it on the gathered parameters
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                model.init_weights()
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.train.compile:  # per encoder block, lazily at the first forward; keeps names and module hooks
