@@ -32,18 +32,10 @@ def write_run_shards(root: str, n: int) -> None:
     sys.path.insert(0, HERE)
     from loader_speed import NUM_CLASSES, write_shards
 
-    from polymae.datasets import shards, storage
+    from synthetic import write_split_index
 
     urls = write_shards(root, n, per_shard=64)
-    entries = []
-    for i, url in enumerate(urls):
-        count = min(64, n - 64 * i)
-        storage.write_json_atomic(shards.stats_url(root, "train", i), {"samples_in": count, "written": count})
-        digest, size = storage.sha256_of(url)
-        entries.append({"index": i, "samples": count, "size": size, "sha256": digest})
-    storage.write_json_atomic(shards.manifest_url(root, "train"), {
-        "schema_version": shards.SCHEMA_VERSION, "shards": entries,
-        "teachers": {"semseg": {"num_classes": NUM_CLASSES, "label_set": "synthetic-150"}}})
+    write_split_index(root, urls, [min(64, n - 64 * i) for i in range(len(urls))], NUM_CLASSES)
 
 
 def run_one(shards_root: str, out: str, preset: str, compile_: bool, args, rgb_decode: str = "cpu") -> dict:

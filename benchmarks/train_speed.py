@@ -39,56 +39,20 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import statistics
 import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 TARGET = 0.95
 NUM_CLASSES = 8
+from synthetic import write_shards  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 # ------------------------------------------------------------------------------------------ data
-def write_shards(root: str, n: int, size: int, per_shard: int = 16, seed: int = 0) -> None:
-    """Write ``n`` synthetic labelled samples (``size`` px: smooth colour fields + noise as JPEG, a depth ramp,
-    an 8-class semseg from intensity bands) as polymae shards + stats + manifest under ``root/train``."""
-    from PIL import Image
-
-    from polymae.datasets import shards
-    from polymae.datasets import storage
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    storage.makedirs(shards.split_dir(root, "train"))
-    entries = []
-    for idx in range(math.ceil(n / per_shard)):
-        url = shards.shard_url(root, "train", idx)
-        count = min(per_shard, n - idx * per_shard)
-        with shards.ShardTarWriter(url) as w:
-            for j in range(count):
-                a, b, c = rng.uniform(0.5, 4.0, 3)
-                rgb = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
-                rgb = np.clip((rgb * 0.5 + 0.5) * 255 + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-                lum = rgb.mean(-1) / 255.0
-                w.write(shards.LabelledSample(
-                    key=f"s{idx:03d}x{j:03d}", rgb_jpeg=buf.getvalue(), depth=(1.0 + yy * 4.0 + 0.1 * lum),
-                    semseg=np.minimum(lum * NUM_CLASSES, NUM_CLASSES - 1).astype(np.int64),
-                    num_classes=NUM_CLASSES, meta={"source": "synthetic"}))
-        storage.write_json_atomic(shards.stats_url(root, "train", idx), {"samples_in": count, "written": count})
-        digest, nbytes = storage.sha256_of(url)
-        entries.append({"index": idx, "samples": count, "size": nbytes, "sha256": digest})
-    storage.write_json_atomic(shards.manifest_url(root, "train"), {
-        "schema_version": shards.SCHEMA_VERSION, "shards": entries,
-        "teachers": {"semseg": {"num_classes": NUM_CLASSES, "label_set": "synthetic-8"}}})
-
-
 def decode_pool(cfg, n_batches: int) -> list[dict]:
     """``n_batches`` micro-batches decoded and augmented once through the Trainer's ``ShardStream``."""
     from polymae.datasets import shards

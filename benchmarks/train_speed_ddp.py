@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 
@@ -78,13 +77,9 @@ class DDPLoop(Variant):
 
 
 def worker(args) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
-    from polymae.pipeline.train.distributed import init_deepspeed_distributed
+    from synthetic import cpu_rank_setup
 
-    init_deepspeed_distributed()
+    cpu_rank_setup()
     apply_host_malloc(args)
     import deepspeed
     import torch.distributed as dist

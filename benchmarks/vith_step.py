@@ -43,7 +43,6 @@ RSS) go to stderr as set-up and each step finish.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -54,13 +53,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch import cpu_env, torchrun_cmd  # noqa: E402
+from synthetic import cpu_rank_setup, write_shards  # noqa: E402
 from zero_memory import CATEGORIES, MODEL_STATE, inventory, rss_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,41 +70,6 @@ MMAP_THRESHOLD = "131072"
 
 
 # ------------------------------------------------------------------------------------------ data
-def write_shards(root: str, n: int, size: int, num_classes: int, per_shard: int = 4, seed: int = 0) -> None:
-    """Write ``n`` synthetic labelled samples of ``size`` px (JPEG colour fields, depth ramp, ``num_classes``-class
-    semseg from intensity bands) as polymae shards + stats + a manifest (semseg ``num_classes``) under
-    ``root/train``."""
-    from PIL import Image
-
-    from polymae.datasets import shards, storage
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    storage.makedirs(shards.split_dir(root, "train"))
-    entries = []
-    for idx in range(math.ceil(n / per_shard)):
-        url = shards.shard_url(root, "train", idx)
-        count = min(per_shard, n - idx * per_shard)
-        with shards.ShardTarWriter(url) as w:
-            for j in range(count):
-                a, b, c = rng.uniform(0.5, 4.0, 3)
-                rgb = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
-                rgb = np.clip((rgb * 0.5 + 0.5) * 255 + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-                lum = rgb.mean(-1) / 255.0
-                w.write(shards.LabelledSample(
-                    key=f"s{idx:03d}x{j:03d}", rgb_jpeg=buf.getvalue(), depth=(1.0 + yy * 4.0 + 0.1 * lum),
-                    semseg=np.minimum(lum * num_classes, num_classes - 1).astype(np.int64),
-                    num_classes=num_classes, meta={"source": "synthetic"}))
-        storage.write_json_atomic(shards.stats_url(root, "train", idx), {"samples_in": count, "written": count})
-        digest, nbytes = storage.sha256_of(url)
-        entries.append({"index": idx, "samples": count, "size": nbytes, "sha256": digest})
-    storage.write_json_atomic(shards.manifest_url(root, "train"), {
-        "schema_version": shards.SCHEMA_VERSION, "shards": entries,
-        "teachers": {"semseg": {"num_classes": num_classes, "label_set": f"synthetic-{num_classes}"}}})
-
-
 def overrides(args, root: str, out: str, world: int) -> list[str]:
     """The ``key=value`` overrides applied to the recipe YAML: what a 2-rank CPU run must change, then ``--set``."""
     keys = [f"output={out}", f"data.shards={root}", "data.num_workers=0", "data.shuffle_buffer=8", "train.zero_stage=3",
@@ -195,16 +158,11 @@ def extra_zero_keys(extra: dict):
 
 def worker(args) -> None:
     """One rank: write the shards (rank 0), set up the Trainer on the recipe, run the steps, gather, report."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.ERROR)
     from polymae.pipeline.config import load_config
     from polymae.pipeline.train.config import PretrainConfig
-    from polymae.pipeline.train.distributed import init_deepspeed_distributed
     from polymae.pipeline.train.trainer import Trainer
 
-    init_deepspeed_distributed()
+    cpu_rank_setup()
     import deepspeed
     import torch.distributed as dist
 
