@@ -7,7 +7,7 @@ Sizes are counted in bytes and printed in MiB (2**20 bytes).
 
 What is built is what ``polymae.pipeline.train.trainer.Trainer`` builds: ``create_model`` with
 ``model_kwargs(cfg, ...)``, ``torch.optim.AdamW(param_groups(model, wd))`` as the client optimizer,
-``deepspeed_config(cfg, world, bf16=False)`` (its ZeRO buckets included) and, for stage 3,
+``deepspeed_config(cfg, world, "fp32")`` (its ZeRO buckets included) and, for stage 3,
 ``register_zero3_external_params``. Only the data is synthetic (random tensors of the right shapes).
 
 Method (what "held by one rank" means):
@@ -198,7 +198,7 @@ def build_engine(args, stage: int, world: int):
     cfg.train.micro_batch = args.batch
     cfg.train.global_batch = args.batch * world
     cfg.train.precision = "fp32"
-    ds_config = deepspeed_config(cfg, world, bf16=False)
+    ds_config = deepspeed_config(cfg, world, "fp32")
     torch.manual_seed(cfg.train.seed)
     model = create_model(f"multimae_{args.preset}",
                          **model_kwargs(cfg, args.classes, semseg_ignore_value(args.classes)))

@@ -208,6 +208,12 @@ class TrainConfig:
                            "cache; CPU needs a C++ compiler). For ZeRO 0-2: ZeRO-3's parameter hooks split the graphs "
                            "(CPU: ~2 min to compile, 2x slower steps)")
 
+    def resolved_precision(self, cuda: bool) -> str:
+        """``precision`` with ``auto`` resolved: ``bf16`` on a CUDA device, ``fp32`` on the CPU."""
+        if self.precision == "auto":
+            return "bf16" if cuda else "fp32"
+        return self.precision
+
     def validate(self) -> None:
         """Pure value checks (the world size is checked by :meth:`preflight`).
 

@@ -116,12 +116,12 @@ def bucketed_gloo_comm(cfg: PretrainConfig, world: int, gloo: bool) -> bool:
     return cfg.train.gloo_bucketed_comm and cfg.train.zero_stage in (1, 2) and gloo and world > 1
 
 
-def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = False, fp16: bool = False,
-                     amp_bf16: bool = False) -> dict:
+def deepspeed_config(cfg: PretrainConfig, world: int, precision: str = "fp32", gloo: bool = False) -> dict:
     """The DeepSpeed JSON config for this run: ZeRO stage (arXiv 1910.02054), batch sizes (gradient accumulation
     = ``global_batch / (micro_batch × world)``), clipping, precision; 5e7-element (200 MB fp32) buckets.
 
-    Precision: ``bf16`` = DeepSpeed's bf16 mode with gradients accumulated in fp32 (``data_types.grad_accum_dtype``);
+    ``precision`` (``TrainConfig.resolved_precision``): ``bf16`` = DeepSpeed's bf16 mode with gradients
+    accumulated in fp32 (``data_types.grad_accum_dtype``);
     ``fp16`` = fp16 with dynamic loss scaling (2^16 initial scale, halved on overflow, doubled after 1000 clean
     steps); ``amp_bf16`` = fp32 weights with the forward under ``torch.autocast(bfloat16)`` (DeepSpeed's
     ``torch_autocast``; the official MultiMAE recipe's mixed precision, where ``fp32_output_adapters`` apply);
@@ -133,6 +133,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
     gradient buckets (``reduce_scatter: false``) and all-gather parameters in ``GLOO_ALLGATHER_BUCKET``-element
     buckets (see ``polymae.patches.bucketed_all_gather``)."""
     ga = cfg.train.global_batch // (cfg.train.micro_batch * world)
+    bf16, fp16 = precision == "bf16", precision == "fp16"
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 1:  # DeepSpeed's default 5e8-element bucket is 1.9 GiB in fp32
         zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7), overlap_comm=False,
@@ -144,13 +145,13 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
                     stage3_gather_16bit_weights_on_model_save=False)
     if cfg.optim.grad_clip == 0 and cfg.train.zero_stage in (1, 2) and not fp16 and not (bf16 and cfg.train.zero_stage == 1):
         zero["compute_grad_norm"] = False
-    precision: dict = {"bf16": {"enabled": bf16}}
+    ds_precision: dict = {"bf16": {"enabled": bf16}}
     if bf16:
-        precision["data_types"] = {"grad_accum_dtype": "fp32"}
-    if amp_bf16:
-        precision["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        ds_precision["data_types"] = {"grad_accum_dtype": "fp32"}
+    if precision == "amp_bf16":
+        ds_precision["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if fp16:
-        precision["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+        ds_precision["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                              "hysteresis": 2, "min_loss_scale": 1}
     return {
         "train_batch_size": cfg.train.global_batch,
@@ -158,7 +159,7 @@ def deepspeed_config(cfg: PretrainConfig, world: int, bf16: bool, gloo: bool = F
         "gradient_accumulation_steps": ga,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        **precision,
+        **ds_precision,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -116,12 +116,9 @@ class Trainer:
             log.info("host allocator keeps freed memory (train.keep_host_memory): %s", self._patches[-1] is not None)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if use_cuda() else torch.device("cpu")
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda())
-        self.fp16 = cfg.train.precision == "fp16"
-        self.precision = "bf16" if self.bf16 else cfg.train.precision if cfg.train.precision != "auto" else "fp32"
+        self.precision = cfg.train.resolved_precision(use_cuda())
         self.ga = cfg.train.global_batch // (cfg.train.micro_batch * self.world)
-        self.ds_config = deepspeed_config(cfg, self.world, self.bf16, gloo=not use_cuda(), fp16=self.fp16,
-                                          amp_bf16=cfg.train.precision == "amp_bf16")
+        self.ds_config = deepspeed_config(cfg, self.world, self.precision, gloo=not use_cuda())
         self.peak_flops = device_peak_flops(cfg.train.peak_tflops)
         if self.world > 1:  # the stop flag is a host-side scalar: NCCL only takes CUDA tensors
             self._flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
@@ -140,14 +137,9 @@ class Trainer:
         self.stream, self.loader = build_loader(cfg, self.rank, self.world, skip_batches=self.start_step * self.ga)
 
     def _agree_resumed_step(self, step: int) -> int:
-        """``step`` once every rank is known to have resumed from it: MIN and MAX all-reduced on the host flag
-        group; on a mismatch all steps are gathered and :func:`agreed_step` raises RuntimeError naming them."""
+        """``step`` once every rank is known to have resumed from it: every rank's step is gathered on the host flag
+        group (one collective) and :func:`agreed_step` raises RuntimeError naming them on a mismatch."""
         if self._flag_group is None:
-            return step
-        lo, hi = torch.tensor([step], dtype=torch.int64), torch.tensor([step], dtype=torch.int64)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self._flag_group)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self._flag_group)
-        if int(lo.numpy()[0]) == int(hi.numpy()[0]):
             return step
         steps = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
         dist.all_gather(steps, torch.tensor([step], dtype=torch.int64), group=self._flag_group)

@@ -112,7 +112,7 @@ def test_kill_at_each_moment_of_a_save_then_resume_matches(reference, synthetic_
 
 # Trainer._agree_resumed_step on 2 gloo ranks, without a model: equal steps pass, unequal ones raise on every rank.
 AGREE_SNIPPET = """
-import json, torch.distributed as dist
+import json, sys, torch.distributed as dist
 from polymae.pipeline.train.trainer import Trainer
 dist.init_process_group("gloo")
 t = Trainer.__new__(Trainer)
@@ -122,7 +122,8 @@ try:
     t._agree_resumed_step(4 + 2 * rank)
 except RuntimeError as e:
     out["error"] = str(e)
-print(json.dumps(out), flush=True)
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:  # not stdout: two ranks' lines can interleave there
+    json.dump(out, f)
 dist.barrier()
 dist.destroy_process_group()  # a gloo group left alive at exit can abort the process ("terminate called ...")
 """
@@ -132,10 +133,10 @@ def test_ranks_resumed_from_different_steps_raise_on_every_rank(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SNIPPET)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(script)], capture_output=True, text=True, env=train_env(),
+                        f"--master_port={free_port()}", str(script), str(tmp_path)], capture_output=True, text=True, env=train_env(),
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    outs = [json.loads(line) for line in r.stdout.strip().splitlines()[-2:]]
+    outs = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for out in outs:
         assert out["same"] == 4
         assert "step 4 on rank(s) 0; step 6 on rank(s) 1" in out["error"], out

@@ -118,7 +118,7 @@ def test_deepspeed_config_gloo_buckets(stage, world, gloo, enabled, expect):
     cfg = PretrainConfig()
     cfg.train.zero_stage, cfg.train.gloo_bucketed_comm = stage, enabled
     cfg.train.micro_batch, cfg.train.global_batch = 2, 2 * world
-    zero = deepspeed_config(cfg, world, bf16=False, gloo=gloo)["zero_optimization"]
+    zero = deepspeed_config(cfg, world, "fp32", gloo=gloo)["zero_optimization"]
     assert zero["stage"] == stage
     if expect:
         assert zero["reduce_scatter"] is False and zero["allgather_bucket_size"] == GLOO_ALLGATHER_BUCKET
