@@ -18,7 +18,7 @@ in one process, so the variants share the machine's conditions:
   its losses are not compared.
 
 Same batches (pre-decoded once from the same synthetic shards through ``ShardStream``; step ``s`` uses
-batch ``s mod pool``), same masks (every variant draws them from ``recipe.mask_generator(seed, step, 0, rank)``),
+batch ``s mod pool``), same masks (every variant draws them from ``recipe.mask_generator(seed, step x 1024 + rank)``),
 same lr schedule (``lr_at`` with the same config), same initial weights. As a check, the per-step losses
 of the in-memory variants are compared (fp32 DeepSpeed at world 1 matches plain PyTorch to ~1e-6).
 
@@ -126,7 +126,7 @@ def plain_forward(model, opt, cfg, batch: dict, step: int, rank: int):
     from polymae.datasets.transforms import to_model_inputs
 
     return model(to_model_inputs(batch, "cpu", cfg.model.active_modalities()),
-                 generator=mask_generator(cfg.train.seed, step, 0, rank), **masking_kwargs(cfg.model))
+                 generator=mask_generator(cfg.train.seed, step * 1024 + rank), **masking_kwargs(cfg.model))
 
 
 class PolymaeTrainer(Variant):

@@ -18,7 +18,7 @@ thread. All variants live in the same processes and the same (gloo) process grou
 Data: rank 0 writes synthetic shards once; every rank decodes the same ``--pool x 2`` micro-batches through
 ``ShardStream`` and keeps every second one from its rank on, so the ranks' batches are disjoint and the
 same for every variant (step ``s`` uses the rank's batch ``s mod pool``). Masks: ``recipe.mask_generator``
-(seeded by step, micro-step and rank) for every variant. Check: the all-reduced mean loss per step of each
+(seeded by step and rank) for every variant. Check: the all-reduced mean loss per step of each
 Trainer variant vs DDP (fp32: expect ~1e-6).
 
 Timing: ``--warmup`` untimed steps per variant, then ``--repeats`` rounds in which each variant runs the

@@ -1,40 +1,49 @@
 """Training/evaluation streams over polymae shards (WebDataset tars): balanced, deterministic, O(1) resumable.
 
-**Order.** There are ``R = world x num_workers`` readers; reader ``r = rank x num_workers + worker``. Epoch ``e``
-permutes the shards with a generator seeded by ``(seed, e)`` (:func:`epoch_shards`); the concatenation of their
-samples (per-shard counts from the manifest's ``samples`` or the stats files' ``written``) is one sequence of
-``N`` samples, and reader ``r`` takes the contiguous range ``[floor(r N / R), floor((r + 1) N / R))``
-(:func:`reader_range`). Every sample is visited once per epoch, readers' counts differ by at most one, and a
-reader opens only the shards its range overlaps.
+**Order.** The data order is defined by ``V`` *canonical readers* (``readers``; by default ``world x
+num_workers`` at the run's first start, then kept by the checkpoint so the order survives a change of world size
+or worker count: the idea of MosaicML Streaming's "canonical nodes"). Epoch ``e`` of the shards is a permutation
+seeded by ``(seed, e)`` (:func:`epoch_shards`); the concatenation of their samples (per-shard counts from the
+manifest's ``samples`` or the stats files' ``written``) is one sequence of ``N`` samples, and canonical reader
+``c`` takes the contiguous range ``[floor(c N / V), floor((c + 1) N / V))`` (:func:`reader_range`). Every sample
+is visited once per epoch, readers' counts differ by at most one, and a reader opens only the shards its range
+overlaps.
 
 **Shuffle.** A reader's range is cut into chunks of ``C`` consecutive samples, each permuted with a generator
 seeded by ``(seed, epoch, reader, chunk)`` (:func:`chunk_order`). ``C`` is ``shuffle_buffer`` samples, further
 bounded to ``shuffle_buffer_mb`` MiB of raw samples at the shards' mean sample size (at least 1). Only one
-chunk of raw (undecoded) samples is held. ``shuffle_buffer=0``: no shuffle (shards and samples in order).
+chunk of raw (undecoded) samples is held per canonical reader a process reads. ``shuffle_buffer=0``: no shuffle.
 
-**Batches are positions.** A reader's ``k``-th micro-batch is positions ``[k mb, (k + 1) mb)`` of its shuffled
-range; training epochs have ``floor(len / mb)`` batches per reader (the remainder is dropped; a reader with less
-than one micro-batch raises ``RuntimeError``) and follow one another. Augmentation randomness is a function of
-``(seed, key, epoch)``. A sample that fails to decode (or is missing from a truncated or unreadable shard) keeps
-its position: in training it is replaced by a copy of the next good sample of its batch (cyclically) and a batch
-without any good sample raises ``RuntimeError`` naming its keys; in a single pass (``infinite=False``,
-evaluation) it is left out of its batch (a pass without any good sample raises). Either way it is counted in
-``skipped_corrupt`` and logged. The stream is therefore a pure function of ``(shards and counts, seed, rank,
-world, worker, num_workers)``.
+**Batches are positions.** Canonical reader ``c``'s ``k``-th micro-batch is positions ``[k mb, (k + 1) mb)`` of
+its shuffled range; training epochs have ``floor(len / mb)`` batches per reader (the remainder is dropped; a
+reader with less than one micro-batch raises ``RuntimeError``) and follow one another. The run's **global
+micro-batch** ``g`` is batch ``g // V`` of canonical reader ``g % V``; rank ``r`` of ``W`` takes its ``b``-th
+micro-batch as ``g = b W + r``. A training step takes ``M = global_batch / micro_batch`` consecutive global
+micro-batches whatever ``W`` is, so the sequence of global micro-batches (and of optimizer steps' data) does not
+depend on the world size (:func:`global_batch_of`). With ``W x num_workers = V`` (the run as started) each
+loader worker reads exactly one canonical reader; otherwise a worker reads its share of several, interleaved.
+Augmentation randomness is a function of ``(seed, key, epoch)``. A sample that fails to decode (or is missing
+from a truncated or unreadable shard) keeps its position: in training it is replaced by a copy of the next good
+sample of its batch (cyclically) and a batch without any good sample raises ``RuntimeError`` naming its keys; in
+a single pass (``infinite=False``, evaluation) it is left out of its batch (a pass without any good sample
+raises). Either way it is counted in ``skipped_corrupt`` and logged. The stream is therefore a pure function of
+``(shards and counts, seed, V, micro_batch)`` and the rank's position ``(rank, world, worker, num_workers)``.
 
-**Resume.** ``skip_batches`` (this rank's micro-batches already consumed) becomes a per-worker count:
-``DataLoader`` takes batch ``b`` from worker ``b % num_workers`` and a resumed one starts again at worker 0, so
-worker ``w`` takes the role (the reader) of worker ``(w + skip_batches) % num_workers`` of the uninterrupted run
-and :func:`worker_batches` of them are behind it. Division gives ``(epoch, batch in epoch)``, and the reader
-goes straight to that batch's chunk: it opens only the shards holding the chunk's samples still to come, at their
+**Resume.** ``skip_batches`` is the rank's micro-batches already consumed (``step x accumulation``). A resumed
+``DataLoader`` takes its first batch from worker 0, so worker ``w`` yields the rank's batches ``skip + w + t nw``
+(``t = 0, 1, ...``); each maps to a canonical reader and a batch index by arithmetic, and the reader goes
+straight to that batch's chunk: it opens only the shards holding the chunk's samples still to come, at their
 sample offsets (:class:`polymae.datasets.shards.SampleCursor`: tar headers only, member data skipped with
-``seek``), and reads only those samples. The cost is at most one chunk, whatever the progress.
+``seek``), and reads only the samples it yields. The cost is at most one chunk per canonical reader, whatever
+the progress, the world size or the worker count.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import math
 import random
 import signal
 from typing import Iterator, Sequence
@@ -95,11 +104,15 @@ def chunk_order(n: int, seed: int, epoch: int, reader: int, chunk: int) -> list[
     return idx
 
 
-def worker_batches(skip_batches: int, worker: int, num_workers: int) -> int:
-    """How many of a rank's first ``skip_batches`` micro-batches came from ``worker`` (``DataLoader`` takes batch
-    ``b`` from worker ``b % num_workers``; ``num_workers`` 0 counts as one in-process reader)."""
-    nw = max(1, num_workers)
-    return max(0, -(-(skip_batches - worker) // nw))
+def global_batch_of(batch: int, rank: int, world: int) -> int:
+    """The global micro-batch index of rank ``rank``'s ``batch``-th micro-batch (of ``world`` ranks): ``b W + r``.
+    A step of ``M = global_batch / micro_batch`` micro-batches covers ``[step M, (step + 1) M)`` for any ``W``."""
+    return batch * world + rank
+
+
+def canonical_batch(g: int, readers: int) -> tuple[int, int]:
+    """``(canonical reader, batch index in that reader's stream)`` of global micro-batch ``g``: ``(g % V, g // V)``."""
+    return g % readers, g // readers
 
 
 def chunk_samples(shuffle_buffer: int, shuffle_buffer_mb: float | None, sample_bytes: float | None) -> int:
@@ -187,12 +200,14 @@ class ShardStream(IterableDataset):
         drop_last: in a single pass, drop the last incomplete batch.
         shuffle_buffer_mb: bound on the shuffle chunk in MiB of raw samples (None or 0 = no bound).
         sample_bytes: mean bytes per sample for that bound (default: from the manifest sizes and counts).
+        readers: canonical readers ``V`` that define the order (default ``world x max(1, num_workers)``); a
+            resumed run passes the value it started with (kept in its checkpoint), whatever its world size.
     Yields:
         compact ``collate`` dicts (``rgb`` uint8 ``[B,3,S,S]``, ``depth`` uint16 codes ``[B,1,S,S]`` +
         ``depth_range [B]``, ``semseg [B,S/4,S/4]``, ``key``); ``transforms.to_model_inputs`` converts them
         on the training device.
     Raises:
-        ValueError: no shard URLs, no samples in them, or ``micro_batch < 1`` (constructor).
+        ValueError: no shard URLs, no samples in them, ``micro_batch < 1`` or ``readers < 1`` (constructor).
         RuntimeError: (iterating) a training reader whose range holds less than one micro-batch, or a
             micro-batch without any decodable sample (its keys are named).
     Attributes (of the iterating process): ``skipped_corrupt`` (samples that failed to decode), ``opened``
@@ -202,7 +217,8 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: Sequence[str] | Sequence[tuple[str, int]], micro_batch: int, augment: MultiModalAugment,
                  rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 256, infinite: bool = True,
                  skip_batches: int = 0, num_workers: int = 0, drop_last: bool = True,
-                 shuffle_buffer_mb: float | None = None, sample_bytes: float | None = None):
+                 shuffle_buffer_mb: float | None = None, sample_bytes: float | None = None,
+                 readers: int | None = None):
         super().__init__()
         if not urls:
             raise ValueError("no shard URLs")
@@ -218,21 +234,15 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle_buffer, self.infinite, self.drop_last = shuffle_buffer, infinite, drop_last
         self.skip_batches, self.num_workers = skip_batches, num_workers
+        self.readers = world * max(1, num_workers) if readers is None else int(readers)
+        if self.readers < 1:
+            raise ValueError(f"readers must be >= 1, got {readers}")
         if shuffle_buffer > 0 and shuffle_buffer_mb and sample_bytes is None:
             sample_bytes = shards.mean_sample_bytes(self.shards)
         self.chunk = chunk_samples(shuffle_buffer, shuffle_buffer_mb, sample_bytes)
-        self.skipped_corrupt = self._yielded = 0
+        self.skipped_corrupt = self._yielded = self._requested = 0
         self.opened: collections.deque[str] = collections.deque(maxlen=OPENED_KEPT)
         self.payload_bytes = 0
-
-    def _reader(self) -> tuple[int, int, int, int]:
-        """``(reader, readers, role, workers)`` of the calling process (workers: 1 in-process). A resumed
-        ``DataLoader`` again takes its first batch from worker 0, so worker ``w`` plays the role of worker
-        ``(w + skip_batches) % workers`` of the uninterrupted run, whose reader it then is."""
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        role = (wid + self.skip_batches) % nw
-        return self.rank * nw + role, self.world * nw, role, nw
 
     def plan(self, epoch: int, reader: int, readers: int) -> list[Span]:
         """The shard pieces ``(url, first sample, end sample)`` reader ``reader`` of ``readers`` reads in epoch
@@ -272,32 +282,57 @@ class ShardStream(IterableDataset):
         return collate([o if o is not None else outs[min(good, key=lambda g: (g - i) % n)]
                         for i, o in enumerate(outs)])
 
-    def _epoch(self, epoch: int, reader: int, readers: int, first: int) -> Iterator[dict]:
-        """Batches ``first, first + 1, ...`` of reader ``reader``'s epoch ``epoch``."""
+    def _epoch(self, epoch: int, reader: int, readers: int, batches: range) -> Iterator[dict]:
+        """Batches ``batches`` (indices in epoch ``epoch`` of reader ``reader`` of ``readers``, increasing), reading
+        each chunk once and only the samples of those batches."""
         spans = self.plan(epoch, reader, readers)
         length = sum(b - a for _, a, b in spans)
         end = min(length, self.batches_per_epoch(reader, readers) * self.micro_batch)
-        C = self.chunk or self.micro_batch
-        pos = first * self.micro_batch
-        j = pos // C
+        C, mb = self.chunk or self.micro_batch, self.micro_batch
+        if not batches:
+            return
+        j = batches[0] * mb // C  # the chunk of the first wanted position
         rr = _RangeReader(spans, j * C, self)
-        pending: list[dict] = []
+        held: dict[int, dict] = {}  # position -> raw sample, the current chunk's wanted positions still to yield
+        chunk_end = j * C
         try:
-            while pos < end:
-                base, n = j * C, min(C, length - j * C)
-                order = chunk_order(n, self.seed, epoch, reader, j) if self.chunk else list(range(n))
-                stop = min(end, base + n)
-                raws = rr.read(n, {order[p - base] for p in range(pos, stop)})
-                for p in range(pos, stop):
-                    pending.append(raws[order[p - base]])
-                    if len(pending) == self.micro_batch:
-                        yield from self._some(self._batch(pending, epoch))
-                        pending = []
-                pos, j = stop, j + 1
-            if pending:
+            for k in batches:
+                pending = []
+                for p in range(k * mb, min((k + 1) * mb, end)):
+                    while p >= chunk_end:  # load the chunk holding p; chunks without a wanted position: skipped
+                        base, n = j * C, min(C, length - j * C)
+                        want = [q for q in range(max(base, p), min(base + n, end)) if q // mb in batches]
+                        order = chunk_order(n, self.seed, epoch, reader, j) if self.chunk and want else range(n)
+                        raws = rr.read(n, {order[q - base] for q in want})
+                        held = {q: raws[order[q - base]] for q in want}
+                        j, chunk_end = j + 1, base + n
+                    pending.append(held.pop(p))
+                self._requested += 1
                 yield from self._some(self._batch(pending, epoch))
         finally:
             rr.close()
+
+    def _reader_stream(self, reader: int, first: int, every: int) -> Iterator[dict]:
+        """Canonical reader ``reader``'s batches ``first, first + every, ...`` (indices over its epochs one after
+        another; only epoch 0 in a single pass).
+
+        Raises:
+            RuntimeError: a training reader with less than one micro-batch per epoch.
+        """
+        per_epoch = self.batches_per_epoch(reader, self.readers)
+        if self.infinite and per_epoch == 0:
+            lo, hi = reader_range(self.total, reader, self.readers)
+            raise RuntimeError(f"reader {reader}/{self.readers} gets {hi - lo} of {self.total} samples per epoch, "
+                               f"less than one micro-batch of {self.micro_batch}: use fewer readers (data.readers, "
+                               f"or world x num_workers)")
+        k = first
+        while per_epoch:
+            epoch, j = divmod(k, per_epoch)
+            if epoch > 0 and not self.infinite:
+                return
+            wanted = range(j, per_epoch, every)
+            yield from self._epoch(epoch, reader, self.readers, wanted)
+            k = epoch * per_epoch + j + len(wanted) * every
 
     def _some(self, batch: dict | None) -> Iterator[dict]:
         """``batch`` unless it is None (a single pass's batch whose every sample was corrupt); counts yields."""
@@ -306,25 +341,24 @@ class ShardStream(IterableDataset):
             yield batch
 
     def __iter__(self) -> Iterator[dict]:
-        """This process's micro-batches from ``skip_batches`` on (see the class and module docstrings)."""
-        reader, readers, role, nw = self._reader()
-        per_epoch = self.batches_per_epoch(reader, readers)
-        skip = worker_batches(self.skip_batches, role, nw)
-        if self.infinite and per_epoch == 0:
-            lo, hi = reader_range(self.total, reader, readers)
-            raise RuntimeError(f"reader {reader}/{readers} gets {hi - lo} of {self.total} samples per epoch, less "
-                               f"than one micro-batch of {self.micro_batch}: use fewer readers (world x num_workers)")
-        if not self.infinite:
-            self._yielded = 0
-            if skip < per_epoch:
-                yield from self._epoch(0, reader, readers, skip)
-                if not self._yielded:
-                    raise RuntimeError(f"reader {reader}/{readers}: no sample of its {per_epoch} batches decodes")
-            return
-        epoch, first = divmod(skip, per_epoch)
-        while True:
-            yield from self._epoch(epoch, reader, readers, first)
-            epoch, first = epoch + 1, 0
+        """This process's micro-batches from ``skip_batches`` on (see the class and module docstrings): worker
+        ``w`` of ``nw`` yields the rank's batches ``b = skip + w + t nw``, i.e. global micro-batches
+        ``g = g0 + t P`` (``P = nw W``), which cycle through ``T = V / gcd(V, P)`` canonical readers, each read
+        every ``P / gcd(V, P)``-th batch."""
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        V, P = self.readers, nw * self.world
+        g0 = global_batch_of(self.skip_batches + wid, self.rank, self.world)
+        T, every = V // math.gcd(V, P), P // math.gcd(V, P)
+        streams = [self._reader_stream(*canonical_batch(g0 + t * P, V), every) for t in range(T)]
+        self._yielded = self._requested = 0
+        if self.infinite:
+            for t in itertools.count():
+                yield next(streams[t % T])
+        for stream in streams:  # a single pass: readers one after another (order is irrelevant to evaluation)
+            yield from stream
+        if not self._yielded:
+            raise RuntimeError(f"rank {self.rank}/{self.world}: no sample of its {self._requested} batches decodes")
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

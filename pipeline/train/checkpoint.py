@@ -23,6 +23,18 @@ people and older tools, and a ``latest`` naming an incomplete tag is ignored. **
 existed** (no ``complete.json`` in any tag folder) are read as before, from ``latest``, with a warning; once one
 tag of a run has a marker, tags without one count as incomplete.
 
+**World-size changes.** The marker also records the run's data layout (``data``: canonical readers, micro-batch,
+global batch; ``datasets/loader.py``). :func:`resume_plan` compares the newest complete tag's marker with this run:
+the same world size and ZeRO stage resume natively; ZeRO-0 on another world size resumes natively too (every rank
+reads the whole model and optimizer state); ZeRO 1-3 on another world size (or another stage among 1-3) resume
+through DeepSpeed's *universal checkpoint*: :func:`prepare_universal` (rank 0) converts the tag once with
+``deepspeed.checkpoint.ds_to_universal`` into ``checkpoints/universal/step-XXXXXXXX/`` (written under a temporary
+name and renamed, so a killed conversion is redone), and the engine, built with ``checkpoint.load_universal``,
+loads it and re-partitions parameters and optimizer moments for the new world. The data position is kept: the
+global micro-batch sequence does not depend on the world size. Combinations that cannot work (ZeRO-0 to 1-3 or
+back, another micro-batch or global batch) raise :class:`~polymae.pipeline.config.ConfigError` before any step,
+naming both settings and the fix.
+
 Pruning (:meth:`Checkpointer.prune`, after every save) keeps the newest ``keep_last`` complete tags and deletes
 older complete ones and every incomplete tag older than the newest complete one; it never deletes the newest
 complete tag. An incomplete tag newer than that one (a save killed half-way) is left until the run saves that
@@ -40,6 +52,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -52,6 +65,8 @@ MODEL_CONFIG = "model_config.json"
 CHECKPOINTS_DIR = "checkpoints"
 TAG_PREFIX = "step-"
 LATEST_FILE = "latest"
+#: under ``checkpoints/``: tags converted to DeepSpeed's universal format for a resume on another world size
+UNIVERSAL_DIR = "universal"
 #: written by rank 0 into a tag folder once every rank's files are in place: the tag is complete
 MARKER_FILE = "complete.json"
 #: test-only fault injection (see :func:`fault_point`): ``POINT:STEP``, e.g. ``before_marker:4``
@@ -197,10 +212,13 @@ class Checkpointer:
         engine: the ``deepspeed.DeepSpeedEngine``.
         run_dir: the run folder (local path, shared by all ranks).
         keep_last: complete checkpoints kept after each save; older ``step-*`` folders are deleted by rank 0.
+        data: the run's data layout recorded in every marker (``{"readers", "micro_batch", "global_batch"}``),
+            which :func:`resume_plan` checks on resume.
     """
 
-    def __init__(self, engine: Any, run_dir: str, keep_last: int = 2):
+    def __init__(self, engine: Any, run_dir: str, keep_last: int = 2, data: dict | None = None):
         self.engine = engine
+        self.data = dict(data or {})
         self.run_dir = run_dir.rstrip("/")
         self.folder = f"{self.run_dir}/{CHECKPOINTS_DIR}"
         self.keep_last = keep_last
@@ -212,12 +230,12 @@ class Checkpointer:
         marker, replace ``latest``, prune; barrier, so no rank leaves before the tag is complete. Returns the
         tag. :func:`fault_point` is checked before the save, the marker and ``latest``."""
         tag = step_tag(step)
-        fault_point("before_save", step, self._peers)
         tag_dir = os.path.join(self.folder, tag)
         if _rank() == 0 and os.path.isdir(tag_dir):
             log.warning("replacing the existing checkpoint folder %s", tag_dir)
             shutil.rmtree(tag_dir)
         _barrier()
+        fault_point("before_save", step, self._peers)  # after the barrier: every rank is done with the step
         self.engine.save_checkpoint(self.folder, tag=tag, client_state={"step": step}, save_latest=False)
         rank = _barrier()
         fault_point("before_marker", step, self._peers)
@@ -231,17 +249,18 @@ class Checkpointer:
         return tag
 
     def _marker(self, tag: str, step: int) -> dict:
-        """The completion marker's content: tag, step, world size, ZeRO stage and time (UTC, ISO 8601)."""
+        """The completion marker's content: tag, step, world size, ZeRO stage, data layout and time (UTC, ISO 8601)."""
         stage = None
         with contextlib.suppress(AttributeError, TypeError):  # a stand-in engine
             stage = int(self.engine.zero_optimization_stage())
-        return {"tag": tag, "step": step, "world_size": _world(), "zero_stage": stage,
+        return {"tag": tag, "step": step, "world_size": _world(), "zero_stage": stage, "data": self.data,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def prune(self) -> list[str]:
-        """Delete complete tags older than the newest ``keep_last`` complete ones and incomplete tags older than
-        the newest complete one (never the newest complete tag); returns the deleted tags, oldest first. Does
-        nothing in a run without any marker (written before markers existed)."""
+        """Delete complete tags older than the newest ``keep_last`` complete ones, incomplete tags older than the
+        newest complete one (never the newest complete tag) and the universal conversions (``checkpoints/
+        universal``: a save of this run's own makes them unnecessary); returns the deleted tags, oldest first.
+        Does nothing in a run without any marker (written before markers existed)."""
         complete, incomplete = scan_tags(self.folder)
         if not complete:
             return []
@@ -250,41 +269,37 @@ class Checkpointer:
         old.sort(key=tag_step)
         for tag in old:
             shutil.rmtree(os.path.join(self.folder, tag), ignore_errors=True)
+        universal = os.path.join(self.folder, UNIVERSAL_DIR)
+        if os.path.isdir(universal):  # conversions are needed only until the run saved a tag of its own
+            shutil.rmtree(universal, ignore_errors=True)
         return old
 
-    def load(self) -> int:
-        """Restore the newest complete checkpoint (:func:`resume_tag`) into the engine on every rank, passing the
-        tag to DeepSpeed explicitly; logs the incomplete tags it skipped. Returns this rank's step (the caller
+    def load(self, plan: "ResumePlan | None" = None) -> int:
+        """Restore the newest complete checkpoint into the engine on every rank: ``plan`` (default
+        :func:`resume_plan` for this world size, native load) names the tag, passed to DeepSpeed explicitly, and
+        whether to read its universal conversion (:func:`prepare_universal` done, engine built with
+        ``checkpoint.load_universal``); logs the incomplete tags it skipped. Returns this rank's step (the caller
         checks that all ranks agree: :func:`agreed_step`), or 0 (with a warning, engine untouched) when the run
         has no checkpoint.
 
         Raises:
             RuntimeError: DeepSpeed could not load the chosen tag.
         """
-        tag, skipped = resume_tag(self.run_dir)
-        if skipped:
-            log.warning("skipping incomplete checkpoint(s) %s (no %s: a save was interrupted)", skipped, MARKER_FILE)
-        if tag is None:
+        plan = plan or resume_plan(self.run_dir, _world(), None)
+        if plan.skipped:
+            log.warning("skipping incomplete checkpoint(s) %s (no %s: a save was interrupted)", plan.skipped,
+                        MARKER_FILE)
+        if plan.tag is None:
             log.warning("resume=true but no complete checkpoint in %s: starting from step 0", self.folder)
             return 0
-        self._check_marker(tag)
-        path, client = self.engine.load_checkpoint(self.folder, tag=tag)
+        folder = os.path.join(self.folder, UNIVERSAL_DIR) if plan.universal else self.folder
+        path, client = self.engine.load_checkpoint(folder, tag=plan.tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.folder}/{tag}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}/{plan.tag}")
         step = int(client["step"])
-        log.info("resumed from %s at step %d", path, step)
+        how = f" (saved by {plan.world_size} ranks, now {_world()}: universal checkpoint)" if plan.universal else ""
+        log.info("resumed from %s at step %d%s", path, step, how)
         return step
-
-    def _check_marker(self, tag: str) -> None:
-        """Warn when the tag was saved by another number of ranks than this run has (ZeRO partitions differ)."""
-        marker = os.path.join(self.folder, tag, MARKER_FILE)
-        if not os.path.isfile(marker):
-            return
-        with open(marker) as fh:
-            saved = json.load(fh).get("world_size")
-        if saved is not None and saved != _world():
-            log.warning("checkpoint %s was saved by %s ranks, this run has %d: DeepSpeed may refuse its ZeRO "
-                        "partitions", tag, saved, _world())
 
     def latest_tag(self) -> str | None:
         """The tag ``checkpoints/latest`` names (e.g. ``step-00000042``), or None before the first save."""
@@ -292,6 +307,98 @@ class Checkpointer:
             return latest_tag(self.run_dir)
         except FileNotFoundError:
             return None
+
+
+@dataclass
+class ResumePlan:
+    """How to resume a run (:func:`resume_plan`): the tag (None: nothing to resume), the incomplete tags newer than
+    it that are skipped, what its marker recorded (world size, ZeRO stage, data layout; None/empty for runs from
+    before markers held them) and whether it must be read through a universal conversion."""
+
+    tag: str | None
+    skipped: list[str] = field(default_factory=list)
+    world_size: int | None = None
+    zero_stage: int | None = None
+    data: dict = field(default_factory=dict)
+    universal: bool = False
+
+
+def read_marker(run_dir: str, tag: str) -> dict:
+    """The completion marker of ``tag`` (``{}`` when the tag has none: a run from before markers)."""
+    path = os.path.join(run_dir, CHECKPOINTS_DIR, tag, MARKER_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def resume_plan(run_dir: str, world: int, zero_stage: int | None, data: dict | None = None) -> ResumePlan:
+    """Which tag to resume from (:func:`resume_tag`) and how, for a run of ``world`` ranks at ZeRO stage
+    ``zero_stage`` (None: do not check the stage) whose data layout is ``data`` (``{"micro_batch",
+    "global_batch"}``, checked against the marker's; None: not checked). See the module docstring.
+
+    Raises:
+        ConfigError: a combination that cannot resume: ZeRO-0 to 1-3 or back (``train.zero_stage``), another
+            ``train.micro_batch`` or ``train.global_batch`` than the run's (the data order and the step are
+            counted in them); the message names both values and the fix.
+    """
+    from polymae.pipeline.config import ConfigError
+
+    tag, skipped = resume_tag(run_dir)
+    if tag is None:
+        return ResumePlan(None, skipped)
+    marker = read_marker(run_dir, tag)
+    plan = ResumePlan(tag, skipped, marker.get("world_size"), marker.get("zero_stage"), dict(marker.get("data") or {}))
+    saved = plan.data
+    for key in ("micro_batch", "global_batch"):
+        if data and saved.get(key) is not None and data.get(key) is not None and saved[key] != data[key]:
+            raise ConfigError(f"train.{key}", f"the run in {run_dir} was saved with {key}={saved[key]} "
+                              f"({plan.world_size} ranks) and resumes with {data[key]} ({world} ranks): the data "
+                              f"order and steps are counted in micro-batches and global batches; resume with "
+                              f"train.{key}={saved[key]} (another world size changes the gradient accumulation)")
+    if zero_stage is None or plan.zero_stage is None or plan.world_size is None:
+        return plan
+    if (plan.zero_stage == 0) != (zero_stage == 0):
+        raise ConfigError("train.zero_stage", f"{tag} of {run_dir} was saved at ZeRO stage {plan.zero_stage} by "
+                          f"{plan.world_size} ranks and this run has stage {zero_stage} on {world} ranks: a ZeRO-0 "
+                          f"checkpoint holds no ZeRO partitions and a ZeRO 1-3 one no whole optimizer state; resume "
+                          f"with train.zero_stage={plan.zero_stage} (any world size)")
+    plan.universal = zero_stage > 0 and (plan.world_size != world or plan.zero_stage != zero_stage)
+    return plan
+
+
+def prepare_universal(run_dir: str, tag: str) -> str:
+    """Convert ``tag`` of ``run_dir`` to DeepSpeed's universal checkpoint format (``deepspeed.checkpoint.
+    ds_to_universal``) as ``checkpoints/universal/{tag}`` on rank 0, unless a finished conversion is there;
+    every rank then waits at a barrier (collective). The conversion is written to ``{tag}.partial`` and renamed,
+    so a conversion killed half-way is redone. Returns the converted folder. The input is this run's own
+    checkpoint, which DeepSpeed's converter reads with ``torch.load``.
+
+    Raises:
+        FileNotFoundError: the tag folder does not exist.
+    """
+    ckpt = os.path.join(run_dir, CHECKPOINTS_DIR)
+    src, dst = os.path.join(ckpt, tag), os.path.join(ckpt, UNIVERSAL_DIR, tag)
+    if _rank() == 0 and not os.path.isdir(dst):
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"checkpoint {src} does not exist")
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        partial = dst + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(os.path.dirname(partial), exist_ok=True)
+        t0 = time.perf_counter()
+        args = argparse.Namespace(input_folder=src, output_folder=partial, num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with contextlib.redirect_stdout(sys.stderr):  # the converter prints its progress
+            ds_to_universal.main(args)
+        os.replace(partial, dst)
+        log.info("converted %s to a universal checkpoint in %.1f s: %s", tag, time.perf_counter() - t0, dst)
+    _barrier()
+    return dst
 
 
 def _dist():

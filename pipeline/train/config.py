@@ -15,7 +15,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
-from polymae.pipeline.config import ConfigError, field_
+from polymae.pipeline.config import ConfigError, field_, redact
 
 #: modalities a MultiMAE can take as input and reconstruct (MultiMAE Sec. 3)
 MODALITIES = ("rgb", "depth", "semseg")
@@ -32,6 +32,9 @@ class DataConfig:
     crop_scale: list[float] = field_([0.2, 1.0], help="random-resized-crop area range (MultiMAE: 0.2-1.0)")
     hflip: float = field_(0.5, help="horizontal flip probability (shared by all modalities)")
     num_workers: int = field_(1, help="data-loader worker processes per rank")
+    readers: int = field_(0, help="canonical readers that define the data order (0 = ranks x max(1, num_workers) "
+                          "at the run's first start); a resumed run keeps its checkpoint's value, so the order "
+                          "survives a change of world size or worker count")
     shuffle_buffer: int = field_(256, help="shuffle chunk in samples per reader: each reader permutes chunks of "
                                  "this many consecutive samples of its range (0 = no shuffle)")
     rgb_decode: Literal["cpu", "device"] = field_(
@@ -47,7 +50,7 @@ class DataConfig:
         Raises:
             ConfigError: ``img_size`` not a positive multiple of 16 (pixels), ``crop_scale`` not
                 ``[lo, hi]`` with ``0 < lo <= hi <= 1`` (fractions of the image area), ``hflip`` outside
-                ``[0, 1]``, ``num_workers < 0``, ``shuffle_buffer < 0``, ``shuffle_buffer_mb <= 0`` (MiB).
+                ``[0, 1]``, ``num_workers < 0``, ``readers < 0``, ``shuffle_buffer < 0``, ``shuffle_buffer_mb <= 0`` (MiB).
         """
         if self.img_size <= 0 or self.img_size % 16:
             raise ConfigError("img_size", f"must be a positive multiple of 16, got {self.img_size}")
@@ -58,6 +61,8 @@ class DataConfig:
             raise ConfigError("hflip", f"must be in [0, 1], got {self.hflip}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", "must be >= 0")
+        if self.readers < 0:
+            raise ConfigError("readers", f"must be >= 0 (0 = ranks x workers), got {self.readers}")
         if self.shuffle_buffer < 0:
             raise ConfigError("shuffle_buffer", f"must be >= 0 (samples), got {self.shuffle_buffer}")
         if not self.shuffle_buffer_mb > 0:
@@ -260,7 +265,8 @@ class TrainConfig:
 class PretrainConfig:
     """Everything ``polymae pretrain`` takes: run folder, resume flag and the four sections."""
 
-    output: str = field_("work/runs/pretrain", help="run folder: checkpoints/, config.yaml, metrics.jsonl, tb/")
+    output: str = field_("work/runs/pretrain", help="run folder, a local path: checkpoints/, config.yaml, "
+                         "metrics.jsonl, tb/ (`polymae publish` uploads a release to object storage)")
     resume: bool = field_(False, help="continue from the newest complete checkpoint in {output}/checkpoints")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -276,9 +282,14 @@ class PretrainConfig:
         """Pure cross-section checks (after each section's own).
 
         Raises:
-            ConfigError: ``data.img_size`` not a multiple of the patch size; for MultiMAE,
-                ``model.num_visible`` above the number of tokens, ``(img_size / patch)^2 x modalities``.
+            ConfigError: ``output`` is a URL (``s3://``, ``file://``, ...): the run folder is written with local
+                file I/O (DeepSpeed checkpoints, metrics, TensorBoard), so it must be a local path; ``data.img_size``
+                not a multiple of the patch size; for MultiMAE, ``model.num_visible`` above the number of tokens,
+                ``(img_size / patch)^2 x modalities``.
         """
+        if "://" in self.output or "::" in self.output:
+            raise ConfigError("output", f"must be a local folder, not the URL {redact(self.output)!r} (the run folder "
+                              "holds DeepSpeed checkpoints; publish the run to object storage with `polymae publish`)")
         patch = self.patch_size
         if self.data.img_size % patch:
             raise ConfigError("data.img_size", f"{self.data.img_size} is not a multiple of the patch size {patch}")

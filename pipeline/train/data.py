@@ -28,7 +28,7 @@ def shard_label_info(root: str, split: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int = 0):
+def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int = 0, readers: int | None = None):
     """This rank's micro-batches: ``(stream, loader)``, a :class:`~polymae.datasets.loader.ShardStream` over the
     verified shards (random-resized crop + flip shared by all modalities, MultiMAE App. A.1) and the
     ``DataLoader`` around it.
@@ -37,7 +37,8 @@ def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int =
     codes ``[B, 1, S, S]`` + ``depth_range [B]``, ``semseg`` ``[B, S/4, S/4]`` ids and ``key`` (sample names), with
     ``B = train.micro_batch`` and ``S = data.img_size`` pixels; ``to_model_inputs`` converts it on the device. ``skip_batches``: micro-batches of this rank
     already consumed (``resumed step × gradient accumulation``), so a resumed run sees the same data; the stream
-    seeks straight to it (cost bounded by one shuffle chunk, ``datasets/loader.py``).
+    seeks straight to it (cost bounded by one shuffle chunk, ``datasets/loader.py``). ``readers``: the canonical
+    readers that define the order (the run's, from its checkpoint; default ``data.readers`` or ranks x workers).
 
     Raises:
         FileNotFoundError: no done shard under ``data.shards``/``data.split``.
@@ -51,7 +52,8 @@ def build_loader(cfg: PretrainConfig, rank: int, world: int, skip_batches: int =
                             rgb_decode=cfg.data.rgb_decode)
     stream = ShardStream(counts, cfg.train.micro_batch, aug, rank=rank, world=world, seed=cfg.train.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
-                         skip_batches=skip_batches, num_workers=cfg.data.num_workers)
+                         skip_batches=skip_batches, num_workers=cfg.data.num_workers,
+                         readers=readers or cfg.data.readers or None)
     return stream, make_loader(stream, cfg.data.num_workers)
 
 

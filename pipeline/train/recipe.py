@@ -86,11 +86,13 @@ def masking_kwargs(m: ModelConfig) -> dict:
     return {"num_visible": m.num_visible, "alphas": m.alpha, "sample_tasks_uniform": m.sample_tasks_uniform}
 
 
-def mask_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """The CPU generator that draws the masks of one micro-batch: seeded by ``(seed, step, micro, rank)`` only,
-    so a resumed run (or another implementation of the loop) draws the same masks at the same step."""
+def mask_generator(seed: int, micro_batch: int) -> torch.Generator:
+    """The CPU generator that draws the masks of one micro-batch: seeded by ``(seed, global micro-batch index)``
+    only (``datasets.loader.global_batch_of``: ``(step x accumulation + micro) x world + rank``), so a resumed run,
+    a run resumed on another world size (whose global micro-batches hold the same samples) or another
+    implementation of the loop draws the same masks for the same data."""
     g = torch.Generator(device="cpu")
-    g.manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 4099 + rank)
+    g.manual_seed(seed * 1_000_003 + micro_batch)
     return g
 
 

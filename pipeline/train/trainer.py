@@ -31,9 +31,11 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from polymae.datasets.loader import global_batch_of
 from polymae.datasets.transforms import to_model_inputs
 from polymae.pipeline.config import ConfigError, save_config, to_dict
-from polymae.pipeline.train.checkpoint import MODEL_CONFIG, Checkpointer, agreed_step
+from polymae.pipeline.train.checkpoint import (MODEL_CONFIG, Checkpointer, ResumePlan, agreed_step, prepare_universal,
+                                               resume_plan)
 from polymae.pipeline.train.config import PretrainConfig
 from polymae.pipeline.train.data import build_loader, shard_label_info
 from polymae.pipeline.train.metrics_log import MetricsLogger, device_peak_flops, peak_memory_gib
@@ -120,9 +122,11 @@ class Trainer:
         self.ga = cfg.train.global_batch // (cfg.train.micro_batch * self.world)
         self.ds_config = deepspeed_config(cfg, self.world, self.precision, gloo=not use_cuda())
         self.peak_flops = device_peak_flops(cfg.train.peak_tflops)
+        self.readers = cfg.data.readers or self.world * max(1, cfg.data.num_workers)
         if self.world > 1:  # the stop flag is a host-side scalar: NCCL only takes CUDA tensors
             self._flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
+        plan = self._resume_plan() if cfg.resume else None
         model = self._build_model()
         n_params = sum(p.numel() for p in model.parameters())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg),
@@ -130,11 +134,44 @@ class Trainer:
         if self.world == 1 and cfg.train.zero_stage == 0:
             # nothing to average over one rank: skip DeepSpeed's flatten + all-reduce + unflatten of every grad
             self._patches.append(skip_backward_allreduce(self.engine))
-        self.checkpointer = Checkpointer(self.engine, cfg.output, keep_last=cfg.train.keep_last)
-        self.start_step = self._agree_resumed_step(self.checkpointer.load()) if cfg.resume else 0
+        data = {"readers": self.readers, "micro_batch": cfg.train.micro_batch, "global_batch": cfg.train.global_batch}
+        self.checkpointer = Checkpointer(self.engine, cfg.output, keep_last=cfg.train.keep_last, data=data)
+        self.start_step = self._agree_resumed_step(self.checkpointer.load(plan)) if plan else 0
         if self.rank == 0:
             self._write_run_files(n_params)
-        self.stream, self.loader = build_loader(cfg, self.rank, self.world, skip_batches=self.start_step * self.ga)
+        self.stream, self.loader = build_loader(cfg, self.rank, self.world, skip_batches=self.start_step * self.ga,
+                                                readers=self.readers)
+
+    def _resume_plan(self) -> ResumePlan:
+        """The resume plan (:func:`resume_plan`) and its consequences, before the engine is built: the data
+        layout's canonical readers (the run's, kept across world sizes), and for a ZeRO 1-3 checkpoint of another
+        world size its universal conversion (collective) with ``checkpoint.load_universal`` in the DeepSpeed
+        config.
+
+        Raises:
+            ConfigError: an impossible combination (see :func:`resume_plan`), or ``data.readers`` set to another
+                value than the run's.
+        """
+        cfg = self.cfg
+        plan = resume_plan(cfg.output, self.world, cfg.train.zero_stage,
+                           {"micro_batch": cfg.train.micro_batch, "global_batch": cfg.train.global_batch})
+        saved = plan.data.get("readers")
+        if saved and cfg.data.readers and saved != cfg.data.readers:
+            raise ConfigError("data.readers", f"the run in {cfg.output} reads its data through {saved} canonical "
+                              f"readers; resuming with {cfg.data.readers} would change the data order: leave "
+                              f"data.readers=0 (the run's value is kept)")
+        if saved:
+            self.readers = int(saved)
+        elif plan.tag is not None:
+            log.warning("checkpoint %s records no data layout (an older run): canonical readers = %d ranks x "
+                        "workers now; the data order may differ from the run's before", plan.tag, self.readers)
+        if plan.universal:
+            log.warning("%s was saved by %s ranks at ZeRO stage %s; this run has %d ranks at stage %d: resuming "
+                        "through a universal checkpoint", plan.tag, plan.world_size, plan.zero_stage, self.world,
+                        cfg.train.zero_stage)
+            prepare_universal(cfg.output, plan.tag)
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        return plan
 
     def _agree_resumed_step(self, step: int) -> int:
         """``step`` once every rank is known to have resumed from it: every rank's step is gathered on the host flag
@@ -234,10 +271,11 @@ class Trainer:
 
     def forward(self, batch: dict, step: int, micro: int):
         """The engine's forward on one micro-batch of :func:`~polymae.pipeline.train.data.build_loader` (inputs
-        moved to this rank's device), with masks drawn from :func:`mask_generator` ``(seed, step, micro, rank)``.
+        moved to this rank's device), with masks drawn from :func:`mask_generator` seeded by the global micro-batch
+        index ``(step x accumulation + micro) x world + rank``, the same whatever the world size.
         Returns the model output (``.loss`` scalar, ``.losses`` per modality, ``.masks`` ``[B, N]`` True = masked)."""
         inputs = to_model_inputs(batch, self.device, self.cfg.model.active_modalities())
-        gen = mask_generator(self.cfg.train.seed, step, micro, self.rank)
+        gen = mask_generator(self.cfg.train.seed, global_batch_of(step * self.ga + micro, self.rank, self.world))
         return self.engine(inputs, generator=gen, **masking_kwargs(self.cfg.model))
 
     def _forward_backward(self, batch: dict, step: int, micro: int):

@@ -3,11 +3,14 @@ agreement across ranks, and the test-only fault-injection hook's parsing."""
 
 import json
 import os
+import re
 
 import pytest
 
+from polymae.pipeline.config import ConfigError
+
 from polymae.pipeline.train.checkpoint import (KILL_ENV, LATEST_FILE, MARKER_FILE, Checkpointer, agreed_step,
-                                               fault_point, resume_tag, scan_tags, step_tag, tag_step, write_durable)
+                                               fault_point, resume_plan, resume_tag, scan_tags, step_tag, tag_step, write_durable)
 
 pytestmark = pytest.mark.unit
 
@@ -132,3 +135,38 @@ def test_fault_point_ignores_other_points_and_steps(monkeypatch):
     fault_point("before_latest", 4)  # returns: another point
     monkeypatch.delenv(KILL_ENV)
     fault_point("before_marker", 4)
+
+
+def _saved(run, world, stage, data):
+    """A complete step-3 tag saved by ``world`` ranks at ZeRO ``stage`` with data layout ``data``."""
+    ck = Checkpointer(_Engine(), run, data=data)
+    ck.engine.zero_optimization_stage = lambda: stage
+    ck.save(3)
+    marker = json.load(open(os.path.join(run, "checkpoints", step_tag(3), MARKER_FILE)))
+    marker["world_size"] = world  # as if saved by `world` ranks (this process has none)
+    with open(os.path.join(run, "checkpoints", step_tag(3), MARKER_FILE), "w") as fh:
+        json.dump(marker, fh)
+
+
+@pytest.mark.parametrize("saved,now,universal", [((2, 2), (1, 2), True), ((2, 2), (2, 2), False),
+                                                 ((4, 0), (2, 0), False), ((2, 1), (2, 3), True),
+                                                 ((8, 3), (6, 3), True)])
+def test_resume_plan_reads_the_marker_and_picks_native_or_universal(tmp_path, saved, now, universal):
+    run = str(tmp_path)
+    _saved(run, *saved, {"readers": 16, "micro_batch": 2, "global_batch": 48})
+    plan = resume_plan(run, *now, {"micro_batch": 2, "global_batch": 48})
+    assert (plan.tag, plan.world_size, plan.zero_stage, plan.universal) == (step_tag(3), *saved, universal)
+    assert plan.data["readers"] == 16
+
+
+@pytest.mark.parametrize("saved_stage,stage,data,key,fix", [
+    (0, 2, {"micro_batch": 2, "global_batch": 48}, "train.zero_stage", "train.zero_stage=0"),
+    (2, 0, {"micro_batch": 2, "global_batch": 48}, "train.zero_stage", "train.zero_stage=2"),
+    (2, 2, {"micro_batch": 4, "global_batch": 48}, "train.micro_batch", "train.micro_batch=2"),
+    (2, 2, {"micro_batch": 2, "global_batch": 96}, "train.global_batch", "train.global_batch=48")])
+def test_resume_plan_names_an_impossible_combination_and_its_fix(tmp_path, saved_stage, stage, data, key, fix):
+    run = str(tmp_path)
+    _saved(run, 4, saved_stage, {"readers": 16, "micro_batch": 2, "global_batch": 48})
+    with pytest.raises(ConfigError, match=re.escape(fix)) as e:
+        resume_plan(run, 2, stage, data)
+    assert e.value.key == key and "4 ranks" in str(e.value) and "2 ranks" in str(e.value)
