@@ -65,14 +65,26 @@ def test_global_batch_must_divide(shards_dir, monkeypatch):
     assert cfg.train.global_batch == 16
 
 
+@pytest.mark.parametrize("url", ["s3://AKIAXX:secretpw@bucket/run", "file:///tmp/run", "simplecache::s3://b/run"])
+def test_run_folder_must_be_local(url, tmp_path):
+    """The run folder (DeepSpeed checkpoints, metrics, TensorBoard) is written with local file I/O: a URL is a
+    config error naming ``output``, before any work and without echoing credentials; shards may be remote."""
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, None, ["data.shards=s3://bucket/shards", f"output={url}"], preflight=False)
+    assert e.value.key == "output" and "secretpw" not in str(e.value) and "AKIAXX" not in str(e.value)
+    cfg = load_config(PretrainConfig, None, ["data.shards=s3://bucket/shards", f"output={tmp_path}/run"])
+    assert cfg.data.shards == "s3://bucket/shards"
+
+
 def test_override_parsing():
     assert parse_overrides(["a.b=1", "c=x,y", "d=true", "e="]) == {"a": {"b": 1}, "c": "x,y", "d": True, "e": ""}
     with pytest.raises(ConfigError):
         parse_overrides(["novalue"])
 
 
-def test_saved_config_round_trips_and_has_no_credentials(tmp_path, shards_dir):
-    cfg = load_config(PretrainConfig, None, [f"data.shards={shards_dir}", "output=s3://AKIAXX:secretpw@bucket/run"])
+def test_saved_config_round_trips_and_has_no_credentials(tmp_path):
+    cfg = load_config(PretrainConfig, None, ["data.shards=s3://AKIAXX:secretpw@bucket/shards",
+                                             f"output={tmp_path}/run"])
     out = tmp_path / "saved.yaml"
     save_config(cfg, str(out))
     text = out.read_text()
