@@ -142,7 +142,8 @@ class MTAdamW(torch.optim.Optimizer):
         return loss
 
     def _update_group(self, group: dict, scale: float, prob: float) -> None:
-        """The update of one group (multi-tensor ``torch._foreach_*`` ops), gradient already scaled by ``scale``."""
+        """The update of one group (multi-tensor ``torch._foreach_*`` ops) with gradient scale ``scale`` =
+        ``omega_k / ||grad||``, folded into the moments' weights (the gradients are read, never written)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -156,13 +157,13 @@ class MTAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             m.append(state["exp_avg"])
             v.append(state["exp_avg_sq"])
-        grads = torch._foreach_mul([p.grad for p in params], scale)
+        grads = [p.grad for p in params]  # the normalisation ``scale`` is folded into the moments' weights
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
         torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, grads, alpha=(1.0 - beta1) / prob)
+        torch._foreach_add_(m, grads, alpha=(1.0 - beta1) / prob * scale)
         torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=(1.0 - beta2) / prob)
+        torch._foreach_addcmul_(v, grads, grads, value=(1.0 - beta2) / prob * scale * scale)
         bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, math.sqrt(bc2))
