@@ -1,6 +1,6 @@
 """The ``polymae`` command: ``polymae <job> [--config X.yaml] [key=value ...]``.
 
-Jobs: label, pretrain, evaluate, publish, quickstart. ``polymae <job> --help`` lists every config key.
+Jobs: label, pretrain, multitask, evaluate, publish, quickstart. ``polymae <job> --help`` lists every config key.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 JOBS = {
     "label": "pseudo-label images into WebDataset shards with depth + semseg teachers (Ray)",
     "pretrain": "MultiMAE / MAE pre-training with DeepSpeed ZeRO",
+    "multitask": "task decoders on a pre-trained encoder: unmixed sampling + MT-AdamW, DeepSpeed ZeRO",
     "evaluate": "score a checkpoint on held-out shards (reconstruction, δ1, mIoU)",
     "publish": "consolidate a checkpoint to safetensors and publish it with a manifest",
     "quickstart": "label → pretrain → evaluate → publish on the scikit-image photographs",

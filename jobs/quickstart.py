@@ -1,7 +1,9 @@
 """``polymae quickstart``: the whole pipeline on one machine, on real photographs, in a few minutes.
 
 label (embedded Ray, tiny random-weight DPT + SegFormer teachers) → pretrain (MultiMAE ViT-Tiny,
-DeepSpeed ZeRO-2, 2 CPU ranks via torchrun) → evaluate (held-out split) → publish (local folder store).
+DeepSpeed ZeRO-2, 2 CPU ranks via torchrun) → multitask (depth + semseg + classification heads on the pre-trained
+encoder, unmixed sampling with MT-AdamW; the classes of the photographs from :data:`PHOTO_CLASSES`) → evaluate
+(held-out split) → publish (local folder store).
 By default the images are the photographs that scikit-image ships, copied into ``{work}/images`` at run
 time; ``--images DIR`` uses your own folder (every 5th image, sorted, is held out for evaluation).
 """
@@ -34,6 +36,13 @@ SKIMAGE_PHOTOS = [
     ("coffee.png", "val"), ("motorcycle_right.png", "val"), ("camera.png", "val"),
 ]
 
+#: a small hand-written label file: the class of each scikit-image photograph, for the multitask classification task
+PHOTO_CLASSES = {
+    "astronaut": "person", "camera": "person", "chelsea": "animal", "coffee": "object", "rocket": "object",
+    "coins": "object", "motorcycle_left": "object", "motorcycle_right": "object", "hubble_deep_field": "sky",
+    "moon": "sky", "retina": "microscopy", "ihc": "microscopy", "brick": "texture", "grass": "texture",
+    "gravel": "texture"}
+
 
 @dataclass
 class QuickstartConfig:
@@ -49,6 +58,8 @@ class QuickstartConfig:
     zero_stage: int = field_(2, help="ZeRO stage")
     num_visible: int = field_(48, help="visible tokens per sample (of 3 x (img_size/16)^2)")
     base_lr: float = field_(1.5e-3, help="base learning rate (x global batch / 256)")
+    multitask_steps: int = field_(24, help="multitask steps (depth + semseg + classification heads on the "
+                                  "pre-trained encoder; 0 = skip the stage)")
     samples_per_shard: int = field_(4, help="samples per shard (small, to exercise multi-shard reading)")
     dest: str = field_("", help="publish destination (default {work}/store/multimae-quickstart)")
 
@@ -97,6 +108,78 @@ def _pretrain_config(cfg: QuickstartConfig, shards: str, run: str) -> dict:
         "train": {"steps": cfg.steps, "global_batch": cfg.micro_batch * cfg.ranks, "micro_batch": cfg.micro_batch,
                   "zero_stage": cfg.zero_stage, "save_interval": max(1, cfg.steps // 2), "keep_last": 2},
     }
+
+
+def prepare_class_folders(work: str, sources: dict[str, list[str]]) -> dict[str, str]:
+    """``{work}/classes/{split}/{class}/{image}`` (ImageNet-style folders) for the photographs named in
+    :data:`PHOTO_CLASSES`; returns ``{split: folder}`` for the splits that got at least one image."""
+    out = {}
+    for split, names in sources.items():
+        root = os.path.join(work, "classes", split)
+        shutil.rmtree(root, ignore_errors=True)
+        for name in names:
+            cls = PHOTO_CLASSES.get(os.path.splitext(name)[0])
+            if cls:
+                os.makedirs(os.path.join(root, cls), exist_ok=True)
+                shutil.copyfile(os.path.join(work, "images", split, name), os.path.join(root, cls, name))
+                out[split] = root
+    return out
+
+
+def _multitask_config(cfg: QuickstartConfig, shards: str, encoder: str, run: str, classes: str | None) -> dict:
+    """The multitask stage's config: depth + semseg on the train shards, classification on ``classes`` (if any)."""
+    batch = {"micro_batch": 2, "global_batch": 2 * cfg.ranks}
+    tasks: dict = {"depth": {"kind": "depth", "shards": shards, "head_width": 64, "sampling_weight": 0.4, **batch},
+                   "semseg": {"kind": "semseg", "shards": shards, "head_width": 64, "head_depth": 1,
+                              "sampling_weight": 0.35, **batch}}
+    if classes:
+        tasks["cls"] = {"kind": "cls", "folder": classes, "sampling_weight": 0.25, **batch}
+    return {"output": run, "encoder": encoder, "img_size": cfg.img_size, "tasks": tasks,
+            "optim": {"lr": 1e-3, "warmup_steps": 2, "encoder_lr_mult": 0.1, "min_lr": 1e-5},
+            "train": {"steps": cfg.multitask_steps, "zero_stage": cfg.zero_stage, "num_workers": 0,
+                      "shuffle_buffer": 32, "save_interval": cfg.multitask_steps}}
+
+
+def _torchrun(cfg: QuickstartConfig, job: str, config_path: str) -> None:
+    """Run ``polymae.jobs.<job> --config config_path`` on ``cfg.ranks`` local ranks.
+
+    Raises:
+        RuntimeError: the job failed (its exit status).
+    """
+    from polymae.pipeline.train.distributed import free_port
+
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.ranks))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={cfg.ranks}",
+           f"--master_port={free_port()}", "-m", f"polymae.jobs.{job}", "--config", config_path]
+    log.info("%s: %s", job, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{job} failed with exit status {proc.returncode}")
+
+
+def run_multitask_stage(cfg: QuickstartConfig, work: str, shards: str, encoder: str, sources: dict) -> dict:
+    """The multitask stage: heads for depth, semseg and classification (classes from :data:`PHOTO_CLASSES`) on the
+    pre-trained encoder, then their held-out evaluation. Returns ``{"run", "losses": {task: [losses in order]},
+    "evaluate": results}``."""
+    from polymae.pipeline.config import load_config
+    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.train.metrics_log import read_metrics
+
+    run = os.path.join(work, "runs", "multitask-quickstart")
+    shutil.rmtree(run, ignore_errors=True)
+    classes = prepare_class_folders(work, sources)
+    path = os.path.join(work, "multitask.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(_multitask_config(cfg, shards, encoder, run, classes.get("train")), fh, sort_keys=False)
+    _torchrun(cfg, "multitask", path)
+    losses: dict[str, list[float]] = {}
+    for row in read_metrics(run):
+        for task, v in row["losses"].items():
+            losses.setdefault(task, []).append(v)
+    ecfg = load_config(EvaluateConfig, overrides=[f"checkpoint={run}", f"shards={shards}", "split=val",
+                                                  f"class_folder={classes.get('val', '')}"])
+    return {"run": run, "losses": losses, "evaluate": evaluate(ecfg)}
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
@@ -152,6 +235,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     summary["loss_last"] = rows[-1]["loss"] if rows else None
     summary["steps"] = rows[-1]["step"] if rows else 0
 
+    if cfg.multitask_steps:
+        t = time.perf_counter()
+        summary["multitask"] = run_multitask_stage(cfg, work, shards_root, run_dir, sources)
+        seconds["multitask"] = time.perf_counter() - t
+
     t = time.perf_counter()
     ecfg = load_config(EvaluateConfig, overrides=[f"checkpoint={run_dir}", f"shards={shards_root}", "split=val"])
     summary["evaluate"] = evaluate(ecfg)
@@ -186,6 +274,10 @@ def print_summary(s: dict) -> None:
               f"{s['seconds']['label']:.1f}")
     t.add_row("pretrain", f"{s['steps']} steps, loss {s['loss_first']:.4f} → {s['loss_last']:.4f}", s["run"],
               f"{s['seconds']['pretrain']:.1f}")
+    if "multitask" in s:
+        mt = s["multitask"]
+        parts = [f"{task} {v[0]:.3f} → {v[-1]:.3f}" for task, v in mt["losses"].items()]
+        t.add_row("multitask", "losses " + ", ".join(parts), mt["run"], f"{s['seconds']['multitask']:.1f}")
     ev = s["evaluate"]
     parts = [f"rec {m} {v:.3f}" for m, v in ev["reconstruction_loss"].items()]
     if "rgb_to_depth" in ev:

@@ -2,8 +2,10 @@
 
 Files (docs/ARCHITECTURE.md, "Run folder and release"), written to any fsspec URL:
 
-* ``model.safetensors`` — the full fp32 model (consolidated from the DeepSpeed ZeRO checkpoint);
-* ``encoder.safetensors`` — the encoder as a timm ``VisionTransformer`` state dict
+* ``model.safetensors`` — the full fp32 model (consolidated from the DeepSpeed ZeRO checkpoint): a MultiMAE/MAE, or
+  a multitask run's encoder + task heads (``model_config.json`` then has ``heads``, ``models/multitask.py``);
+* ``encoder.safetensors`` — the encoder (of a multitask run: its shared encoder) as a timm ``VisionTransformer``
+  state dict
   (``timm.create_model(name, pretrained_cfg_overlay=dict(file=...), **timm_kwargs)``);
 * ``model_config.json`` (how to rebuild it; timm name and kwargs), ``config.yaml`` (the run's config),
   ``metrics.json`` (last training step + evaluation results when present);
@@ -62,16 +64,16 @@ def publish(cfg: PublishConfig) -> dict:
     from safetensors.torch import save_file
 
     from polymae.models.interop import encoder_to_timm
-    from polymae.models.multimae import build_from_init_kwargs
+    from polymae.models.multitask import build_from_model_config, is_multitask
     from polymae.datasets import storage
     from polymae.pipeline.train.checkpoint import ENCODER_FILE, MODEL_CONFIG, MODEL_FILE, consolidate, read_model_config
     from polymae.pipeline.train.metrics_log import read_metrics
 
     sd, tag = consolidate(cfg.checkpoint, cfg.tag or None)
     mc = read_model_config(cfg.checkpoint)
-    model = build_from_init_kwargs(mc["init_kwargs"])
+    model = build_from_model_config(mc)  # MultiMAE/MAE, or a multitask encoder + heads
     model.load_state_dict(sd, strict=True)
-    enc_sd, timm_kwargs = encoder_to_timm(model)
+    enc_sd, timm_kwargs = encoder_to_timm(model.encoder if is_multitask(mc) else model)
     mc = dict(mc, timm=timm_kwargs, source={"checkpoint": os.path.abspath(cfg.checkpoint), "tag": tag})
     meta = {"format": "pt", "polymae_model": mc["name"], "tag": tag}
     metrics: dict = {}

@@ -9,7 +9,8 @@ Two measurements, both on a deterministic central crop:
    predicts truncated-standardised depth) against the depth pseudo-labels, and mIoU of the predicted
    classes against the semseg pseudo-labels at stride 4.
 
-Writes ``results.json`` and ``results.md`` and prints the table.
+A multitask checkpoint (encoder + task heads, ``polymae multitask``) is scored instead on each task's held-out data
+(``pipeline/evaluate/multitask.py``). Writes ``results.json`` and ``results.md`` and prints the table.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class EvaluateConfig:
     num_visible: int = field_(0, help="visible tokens for the reconstruction metric (0 = the training value)")
     seed: int = field_(0, help="seed of the reconstruction masks")
     max_samples: int = field_(0, help="stop after this many samples (0 = all)")
+    class_folder: str = field_("", help="multitask checkpoints: held-out ImageNet-style folder for classification "
+                               "tasks (default: the shards' `cls` members)")
 
     def validate(self) -> None:
         """Pure value checks; raises :class:`ConfigError` naming the key."""
@@ -74,6 +77,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from polymae.pipeline.evaluate.metrics import DepthMetrics, SegMetrics
 
     model, mc = load_model(cfg.checkpoint)
+    if "heads" in mc:  # a multitask checkpoint (encoder + task heads): each head on its task's held-out data
+        return _finish(cfg, _evaluate_multitask(cfg, model, mc))
     pre = mc.get("pretrain", {})
     ik = mc["init_kwargs"]
     img_size = int(pre.get("img_size") or ik.get("img_size", 224))
@@ -121,6 +126,21 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         results["rgb_to_depth"] = depth_m.compute()
     if seg_m is not None and "rgb" in mods:
         results["rgb_to_semseg"] = seg_m.compute()
+    return _finish(cfg, results)
+
+
+def _evaluate_multitask(cfg: EvaluateConfig, model, mc: dict) -> dict:
+    """The results of a multitask checkpoint (``pipeline/evaluate/multitask.py``)."""
+    from polymae.pipeline.evaluate.multitask import evaluate_multitask
+
+    res = evaluate_multitask(model, mc, cfg.shards, cfg.split, cfg.class_folder, cfg.batch_size, cfg.max_samples)
+    samples = max([m.get("samples", 0) for m in res["tasks"].values()] or [0])
+    return {"checkpoint": cfg.checkpoint, "model": mc.get("name"), "shards": cfg.shards, "split": cfg.split,
+            "samples": samples, **res}
+
+
+def _finish(cfg: EvaluateConfig, results: dict) -> dict:
+    """Write ``results.json``, ``results.md`` and the config to the output folder, print the table."""
     out_dir = cfg.output or os.path.join(cfg.checkpoint, f"eval-{cfg.split}")
     from polymae.datasets import storage
 
@@ -134,6 +154,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def _rows(results: dict) -> list[tuple[str, str]]:
+    if "tasks" in results:
+        from polymae.pipeline.evaluate.multitask import task_rows
+
+        return task_rows(results)
     rows = [(f"reconstruction loss ({m})", f"{v:.4f}") for m, v in results["reconstruction_loss"].items()]
     if "rgb_to_depth" in results:
         d = results["rgb_to_depth"]

@@ -488,11 +488,11 @@ def load_model(source: str) -> tuple[torch.nn.Module, dict]:
     """
     from safetensors.torch import load_file
 
-    from polymae.models.multimae import build_from_init_kwargs
+    from polymae.models.multitask import build_from_model_config
     from polymae.datasets import storage
 
     mc = read_model_config(source)
-    model = build_from_init_kwargs(mc["init_kwargs"])
+    model = build_from_model_config(mc)  # a MultiMAE/MAE, or encoder + task heads (polymae multitask)
     released = f"{source.rstrip('/')}/{MODEL_FILE}"
     if storage.exists(released):
         if storage.is_local(released):

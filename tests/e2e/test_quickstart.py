@@ -108,3 +108,21 @@ def test_evaluation_results(quickstart):
     assert 0.0 <= res["rgb_to_semseg"]["miou"] <= 1.0
     for line in ("label", "pretrain", "evaluate", "publish", "total"):
         assert line in out
+
+
+def test_multitask_stage_losses_fall_and_heads_evaluate(quickstart):
+    work, out = quickstart
+    from polymae.pipeline.train.metrics_log import read_metrics
+
+    rows = read_metrics(str(work / "runs" / "multitask-quickstart"))
+    per_task: dict = {}
+    for r in rows:
+        for task, v in r["losses"].items():
+            per_task.setdefault(task, []).append(v)
+    assert set(per_task) == {"depth", "semseg", "cls"}
+    for task, losses in per_task.items():  # each task's last two losses below its first
+        assert len(losses) >= 3 and sum(losses[-2:]) / 2 < losses[0], (task, losses)
+    res = json.loads((work / "runs" / "multitask-quickstart" / "eval-val" / "results.json").read_text())
+    assert set(res["tasks"]) == {"depth", "semseg", "cls"}
+    assert 0.0 <= res["tasks"]["depth"]["delta1"] <= 1.0 and 0.0 <= res["tasks"]["cls"]["top1"] <= 1.0
+    assert "multitask" in out
