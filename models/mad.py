@@ -20,7 +20,8 @@ caption tokenizer's tokens. Each task predicts only its own part (:meth:`MadVoca
 * keypoints ``kpt``: ``[KPT] x0 y0 x1 y1 class`` + :data:`NUM_KEYPOINTS` x ``[x y visibility]`` (57 tokens);
   keypoints that are not labelled (COCO ``v = 0``) carry no coordinate loss;
 * captioning ``cap``: ``[CAP]`` + :data:`CAPTION_LEN` caption tokens (a Hugging Face ``tokenizers`` word-level
-  tokenizer trained on the training captions, :func:`train_caption_tokenizer`), padded with the tokenizer's pad.
+  tokenizer trained on the training captions, ``datasets.captions.train_caption_tokenizer``), padded with the
+  tokenizer's pad (id 0).
 
 **Training** (:func:`mad_loss`): each target appears twice, fully masked and with 70 % of its non-prompt tokens
 masked; cross-entropy on masked tokens only, averaged over every decoder layer's output (auxiliary losses, the
@@ -212,19 +213,6 @@ def decode_keypoints(vocab: MadVocab, tokens: torch.Tensor) -> torch.Tensor:
     body = tokens[PROMPT_LEN["kpt"]:].reshape(NUM_KEYPOINTS, 3)
     xy = vocab.coord_value(body[:, :2]).clamp(0, 1)
     return torch.cat([xy, torch.where(body[:, 2:] == vocab.VIS, 2.0, 0.0)], dim=1)
-
-
-def train_caption_tokenizer(captions: Sequence[str], vocab_size: int = 8000):
-    """A word-level Hugging Face ``tokenizers.Tokenizer`` trained on ``captions`` (lower-cased, split on whitespace
-    and punctuation; ``[PAD]`` = id 0, ``[UNK]`` = 1); nothing is downloaded."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(captions, trainers.WordLevelTrainer(vocab_size=vocab_size,
-                                                                special_tokens=["[PAD]", "[UNK]"]))
-    return tok
 
 
 def encode_caption(vocab: MadVocab, tokenizer, text: str) -> torch.Tensor:
@@ -457,6 +445,6 @@ def decode_autoregressive(decoder: MadDecoder, memory: torch.Tensor, task: str, 
 
 __all__ = ["MadVocab", "MadDecoder", "NUM_BINS", "DET_SLOTS", "SEG_GRID", "NUM_KEYPOINTS", "CAPTION_LEN", "TASKS",
            "SEQ_LEN", "PROMPT_LEN", "encode_detection", "decode_detection", "encode_segmentation",
-           "decode_segmentation", "encode_keypoints", "decode_keypoints", "train_caption_tokenizer",
+           "decode_segmentation", "encode_keypoints", "decode_keypoints",
            "encode_caption", "decode_caption", "mask_tokens", "match_slots", "detection_targets", "mad_loss",
            "decode_parallel", "decode_iterative", "decode_autoregressive", "noise_boxes"]

@@ -7,6 +7,7 @@ import pytest
 import skimage.data
 import torch
 
+from polymae.datasets.captions import train_caption_tokenizer
 from polymae.models import mad as M
 
 pytestmark = pytest.mark.unit
@@ -58,7 +59,7 @@ def test_keypoints_round_trip_and_unlabelled_points_carry_no_loss():
 
 def test_caption_tokenizer_round_trip():
     caps = ["A cat sits on a red chair.", "The rocket stands on the launch pad", "a cup of coffee on a table"]
-    tok = M.train_caption_tokenizer(caps, vocab_size=100)
+    tok = train_caption_tokenizer(caps, vocab_size=100)
     vocab = M.MadVocab(num_classes=5, caption_vocab=tok.get_vocab_size())
     seq = M.encode_caption(vocab, tok, caps[0])
     assert seq.shape == (21,) and (seq[1:] >= vocab.caption_base).all()
