@@ -106,8 +106,9 @@ def test_cli_reports_key_before_work(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "..", "jobs",
-                                                                          "configs")) if f.endswith(".yaml")))
+                                                                          "configs")) if f.endswith(".yaml") and not f.startswith("multitask_")))
 def test_paper_recipes_load(name):
+    """The pre-training recipes (the multitask ones are loaded by test_multitask_components.py)."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", name)
     cfg = load_config(PretrainConfig, path, [])
     assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
@@ -224,7 +225,8 @@ def test_preflight_false_accepts_a_missing_shards_folder(tmp_path, monkeypatch):
 
 def _recipes() -> list[str]:
     folder = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yaml"))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.endswith(".yaml") and not f.startswith("multitask_"))  # pre-training recipes only
 
 
 @pytest.mark.parametrize("path", _recipes(), ids=os.path.basename)
