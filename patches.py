@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # library -> the version each patch on it was written and tested for
 WRITTEN_FOR = {"deepspeed": "0.19.8", "webdataset": "1.0.2", "transformers": "5.24.0", "glibc": "2.36",
-               "torch": "2.14.1", "torchvision": "0.29.1", "ray": "2.60.0"}
+               "torch": "2.14.1", "torchvision": "0.29.1", "ray": "2.60.0", "fsspec": "2026.9.0"}
 _warned: set[str] = set()
 
 
@@ -365,6 +365,32 @@ def environment(values: Mapping[str, str], only_unset: bool = True) -> Applied:
                 os.environ[k] = old
 
     return Applied(f"environment {sorted(before)}", restore)
+
+
+def fsspec_defaults(options: Mapping[str, Mapping[str, Any]]) -> Applied:
+    """Default filesystem options per protocol (``{"s3": {"endpoint_url": ...}}``) in fsspec's global config
+    ``fsspec.config.conf``, which fsspec merges under the explicit arguments of every filesystem it creates
+    (a process's workers get the same through ``FSSPEC_<PROTOCOL>`` variables, which fsspec reads at
+    import). Used for the label job's ``storage_options``, so that every storage call of the driver
+    (listing, plan, shards, manifest) sees them without each caller passing them. ``restore()`` puts back
+    each protocol's previous entry."""
+    import fsspec
+    import fsspec.config
+
+    _check_version("fsspec", fsspec.__version__)
+    conf = _require(fsspec.config, "conf", "fsspec's global filesystem config")
+    before = {proto: (proto in conf, dict(conf.get(proto, {}))) for proto in options}
+    for proto, opts in options.items():
+        conf[proto] = {**conf.get(proto, {}), **dict(opts)}
+
+    def restore() -> None:
+        for proto, (had, old) in before.items():
+            if had:
+                conf[proto] = old
+            else:
+                conf.pop(proto, None)
+
+    return Applied(f"fsspec defaults for {sorted(options)}", restore)
 
 
 # -------------------------------------------------------------------------------------- transformers

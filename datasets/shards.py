@@ -6,6 +6,7 @@ Layout (docs/ARCHITECTURE.md, "Shard format")::
     {root}/{split}/{split}-{index:06d}.stats.json   written after the tar is in place: the done marker
     {root}/{split}/index.parquet                    one row per sample (key, shard, size, skip reason)
     {root}/{split}/manifest.json                    schema version, teachers, label sets, counts, shards+sha256
+    {root}/{split}/preview.png                      a few samples as a picture: rgb | depth | semseg
 
 Members of one sample:
 
@@ -36,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from polymae.datasets import storage
+from polymae.datasets.sources import BadImage, decode_image  # noqa: F401 - BadImage: re-exported
 from polymae.datasets.storage import CommitOnExit
 
 SCHEMA_VERSION = 1
@@ -91,6 +93,11 @@ def manifest_url(root: str, split: str) -> str:
 def index_url(root: str, split: str) -> str:
     """``{root}/{split}/index.parquet`` (one row per sample)."""
     return f"{split_dir(root, split)}/index.parquet"
+
+
+def preview_url(root: str, split: str) -> str:
+    """``{root}/{split}/preview.png``: a picture of a few samples (rgb | depth | semseg), beside the manifest."""
+    return f"{split_dir(root, split)}/preview.png"
 
 
 def is_valid_split(split: str) -> bool:
@@ -241,65 +248,27 @@ def decode_semseg(data: bytes) -> np.ndarray:
     return decode_png(data).astype(np.int64)
 
 
-class BadImage(ValueError):
-    """An input that cannot become an RGB image; ``reason`` is a short machine-readable tag."""
+def load_rgb(data: bytes, max_pixels: int = 178_956_970, min_side: int = 1,
+             max_aspect: float | None = None) -> tuple[np.ndarray, bytes]:
+    """Decode a source image to RGB (:func:`~polymae.datasets.sources.decode_image`) and decide the
+    ``rgb.jpg`` bytes: the source bytes when they already are a JPEG that decodes to the same pixels (RGB or
+    grayscale, no rotation), else the RGB pixels re-encoded at :data:`JPEG_QUALITY`.
 
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-def load_rgb(data: bytes, max_pixels: int = 178_956_970) -> tuple[np.ndarray, bytes]:
-    """Decode any image to RGB and decide the ``rgb.jpg`` bytes.
-
-    EXIF orientation is applied; CMYK, grayscale, RGBA (composited on white), palette and 16-bit images
-    are converted to 8-bit RGB. The source bytes are kept when they already are a JPEG that decodes to
-    the same pixels (RGB or grayscale, no rotation); otherwise the RGB pixels are re-encoded.
-
+    Args:
+        data: the source file's bytes. max_pixels, min_side, max_aspect: the size limits of ``decode_image``
+            (the label job passes its config's; the defaults accept any size up to Pillow's bomb limit).
     Returns:
         ``(uint8 [H, W, 3] array, jpeg bytes)``.
     Raises:
-        BadImage: ``empty``, ``too_large`` (over ``max_pixels``), ``undecodable`` (not an image,
-        truncated or corrupt).
+        BadImage: ``reason`` one of ``sources.SKIP_REASONS`` (``empty``, ``undecodable``, ``unsupported``,
+        ``too_large``, ``too_small``, ``too_elongated``).
     """
-    if not data:
-        raise BadImage("empty", "zero-byte file")
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise BadImage("too_large", f"{w}x{h} > {max_pixels} pixels")
-        fmt = img.format
-        orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-        img.load()
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadImage("too_large", str(e)) from None
-    except Exception as e:  # PIL raises many types for corrupt input
-        raise BadImage("undecodable", f"{type(e).__name__}: {e}") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-        mode = img.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr16 = np.array(img).astype(np.float64)
-            top = 65535.0 if arr16.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr16 / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        elif mode == "F":
-            arrf = np.array(img)
-            img = Image.fromarray(np.clip(arrf, 0, 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, rgba)
-        rgb = np.array(img.convert("RGB"))
-    except Exception as e:
-        raise BadImage("undecodable", f"{type(e).__name__}: {e}") from None
-    if fmt == "JPEG" and mode in ("RGB", "L") and orientation in (None, 1):
-        return rgb, data
+    img = decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
+    if img.plain_jpeg:
+        return img.rgb, data
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return rgb, buf.getvalue()
+    Image.fromarray(img.rgb).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return img.rgb, buf.getvalue()
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

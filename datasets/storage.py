@@ -5,6 +5,11 @@ read are atomic: local targets get a temporary name beside them and an ``os.repl
 object stores get one buffered upload that becomes visible only when complete (a multipart upload is
 aborted on error). Readers therefore never see half a file.
 
+Transient errors (timeouts, dropped connections, HTTP 429/5xx, S3 throttling) are recognised by
+:func:`is_transient` and retried with backoff by :func:`retry_transient`; listings are read past fsspec's
+cache with :func:`invalidate_cache` / :func:`exists_fresh`; :func:`abort_incomplete_uploads` cleans the
+multipart uploads a killed writer left.
+
 S3 endpoints and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ...), never from configs, so nothing secret is written beside outputs.
 
@@ -14,17 +19,25 @@ It lives at the bottom (``datasets/``) because the shard format's writer and rea
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("polymae.storage")
+
 CHUNK = 8 * 2**20  # bytes per read when hashing/copying
+T = TypeVar("T")
 
 
 def protocol(fs) -> str:
@@ -105,33 +118,53 @@ class AtomicWriter(CommitOnExit):
         return self.bytes_written
 
     def close(self) -> None:
+        """Publish the file: fsync + rename (local) or complete the upload (remote).
+
+        Raises:
+            OSError (or the filesystem's error): the publish failed; the temporary file is then removed,
+            or the multipart upload aborted, before the error propagates, and the target is unchanged.
+        """
         if self._closed:
             return
-        self._closed = True
-        if self.local:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self._fh.close()  # completes the multipart upload; raises on failure
+        try:
+            if self.local:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                os.replace(self.tmp, self.path)
+            else:
+                self._fh.close()  # completes the multipart upload; raises on failure
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            self._closed = True
 
     def abort(self) -> None:
+        """Discard everything written: remove the temporary file or abort the multipart upload (idempotent;
+        a failure to abort is logged, not raised: :func:`abort_incomplete_uploads` cleans up later)."""
         if self._closed:
             return
         self._closed = True
-        if self.local:
-            self._fh.close()
-            try:
-                os.remove(self.tmp)
-            except FileNotFoundError:
-                pass
-        else:
+        self._discard()
+
+    def _discard(self) -> None:
+        """Remove the local temporary / abort the remote upload; never raises."""
+        try:
+            if self.local:
+                with contextlib.suppress(OSError):
+                    self._fh.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.tmp)
+                return
             discard = getattr(self._fh, "discard", None)
             if discard is not None:
-                discard()
+                discard()  # s3fs: AbortMultipartUpload of the upload begun for this file
             else:  # pragma: no cover - filesystems without discard
                 self._fh.close()
+        except Exception as e:  # noqa: BLE001 - the caller is already handling a failure
+            log.warning("could not discard the unfinished write of %s (%s: %s); an incomplete upload may remain "
+                        "until the next run cleans it", self.url, type(e).__name__, e)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -230,3 +263,129 @@ def read_json(url: str) -> Any:
     """Parsed JSON at ``url`` (any fsspec URL)."""
     with fsspec.open(url, "r") as fh:
         return json.load(fh)
+
+
+# ------------------------------------------------------------------------- caches, uploads, transient errors
+def invalidate_cache(url: str) -> None:
+    """Forget fsspec's cached listings of ``url`` and its parents, so the next ``ls``/``exists`` asks the
+    store. s3fs caches every listing for the life of the process, so another process's new files (a
+    worker's shard and done marker) stay invisible to this one until the cache is dropped."""
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
+
+
+def exists_fresh(url: str) -> bool:
+    """:func:`exists` after :func:`invalidate_cache`: what the store holds now, not a cached listing."""
+    invalidate_cache(url)
+    return exists(url)
+
+
+def abort_incomplete_uploads(url: str) -> list[str]:
+    """Abort the multipart uploads under the prefix ``url`` (S3 only; other stores have none and return
+    ``[]``): what a process killed mid-upload leaves behind, invisible to readers but billed by the store.
+    Call it only while no other writer uploads under ``url`` (the label job holds its output lease).
+
+    Returns:
+        the ``s3://bucket/key`` of every aborted upload.
+    """
+    fs, path = url_to_fs(url)
+    if protocol(fs) not in ("s3", "s3a"):
+        return []
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    aborted, kw = [], {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", **kw)
+        for up in page.get("Uploads", []):
+            fs.abort_mpu(bucket, up["Key"], up["UploadId"])
+            aborted.append(f"s3://{bucket}/{up['Key']}")
+        if not page.get("IsTruncated"):
+            break
+        kw.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+    if aborted:
+        log.info("aborted %d incomplete upload(s) under %s (e.g. %s)", len(aborted), url, aborted[0])
+    return aborted
+
+
+TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_ERROR_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                                   "RequestLimitExceeded", "RequestTimeout", "RequestTimeoutException",
+                                   "InternalError", "ServiceUnavailable", "ServiceUnavailableException"})
+TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT,
+                              errno.EPIPE, errno.EAGAIN, errno.EREMOTEIO, errno.ENETUNREACH, errno.EHOSTUNREACH})
+
+
+def _transient_types() -> tuple[type, ...]:
+    """Exception types of the HTTP stacks under fsspec that mean "try again" (those installed)."""
+    types: list[type] = [TimeoutError, ConnectionError]  # ConnectionResetError, BrokenPipeError, socket.timeout
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as be
+
+        types += [be.HTTPClientError, be.ConnectionError, be.ResponseStreamingError, be.IncompleteReadError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    return tuple(types)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes/contexts (s3fs re-raises a botocore error as an ``OSError`` from it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a storage error is worth retrying: a timeout or dropped connection, an HTTP 408/429/5xx,
+    an S3 throttling or internal error (``SlowDown``, ``InternalError``, ``ServiceUnavailable``, ...), in
+    ``exc`` or any exception it was raised from. A missing file, a denied access or a bad request is not."""
+    transient = _transient_types()
+    for e in _chain(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(e, transient):
+            return True
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+        response = getattr(e, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in TRANSIENT_HTTP_STATUS or response.get("Error", {}).get("Code") in TRANSIENT_ERROR_CODES:
+                return True
+        status = getattr(e, "status", None)  # aiohttp ClientResponseError (http:// filesystems)
+        if isinstance(status, int) and status in TRANSIENT_HTTP_STATUS:
+            return True
+    return False
+
+
+def retry_transient(fn: Callable[[], T], attempts: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                    what: str = "", first_error: BaseException | None = None) -> T:
+    """``fn()``, called again after a transient error (:func:`is_transient`) up to ``attempts`` calls in
+    all, sleeping ``backoff_s * 2**(i - 1)`` seconds (at most ``max_backoff_s``, with 50-100 % jitter)
+    before retry ``i``; each retry is logged with ``what``. ``first_error``: the error of a first call the
+    caller already made (it counts as one of the ``attempts``).
+
+    Raises:
+        the first non-transient error at once, or the last transient one after ``attempts`` calls.
+    """
+    jitter = random.Random()
+    error, calls = first_error, int(first_error is not None)
+    while True:
+        if error is not None:
+            if calls >= attempts or not is_transient(error):
+                raise error
+            delay = min(max_backoff_s, backoff_s * 2 ** (calls - 1)) * jitter.uniform(0.5, 1.0)
+            log.warning("%s: transient error %s: %s; retry %d of %d in %.2f s", what or "storage",
+                        type(error).__name__, str(error)[:200], calls, attempts - 1, delay)
+            time.sleep(delay)
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - re-raised unless transient
+            error, calls = e, calls + 1

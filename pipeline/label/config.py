@@ -21,17 +21,31 @@ the job's teacher dicts, stats and manifest is its *slot* (:func:`teacher_slot`)
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from polymae.datasets import shards as S
 from polymae.datasets import storage
 from polymae.pipeline.config import ConfigError, field_
 
+log = logging.getLogger("polymae.label")
+
 TASKS = ("depth", "semseg")  # the order of the teachers in every teacher list and dict
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "bf16_full"]
+Interpolation = Literal["auto", "bilinear", "bicubic"]
+# Keys of an output (resolution) policy that change the stored labels; part of the label fingerprint where
+# this config has them (see LabelConfig.label_policy).
+OUTPUT_POLICY_KEYS = ("output_short_side", "output_max_side")
+RUN_ONLY_KEYS = ("mode", "progress",  # config keys a re-run may change without a new config.yaml
+                 "shard_retries", "max_skip_fraction", "read_retries", "read_backoff_s", "shared_fs",
+                 "placement_timeout_s", "lease_ttl_s", "storage_options")
 SHORTHAND_KEYS = ("depth_teacher", "semseg_teacher", "depth_weights", "semseg_weights")
 _NULL_WEIGHTS = ("", "null", "none")
+_PROTOCOL_RE = re.compile(r"^[a-z][a-z0-9]*$")
+_CREDENTIAL_RE = re.compile(r"^(key|secret|token|password|passwd)$|secret|password|token|access_key|credential|"
+                            r"session_key", re.IGNORECASE)
 
 
 def teacher_slot(task: str, name: str, primary: bool) -> str:
@@ -81,9 +95,14 @@ class TeacherConfig:
         None, help="expected revision 'sha256:<hex>' of the weight files (null = any); other weights are an error")
     input_size: int | None = field_(
         None, help="short side (pixels) of the teacher's input, rounded to the model's multiple; null = the "
-                   "job's teacher_short_side")
+                   "native size its image processor declares (e.g. 384 dpt, 518 depth_anything, 512 segformer)")
     precision: Precision = field_(
-        "auto", help="forward-pass precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+        "auto", help="forward-pass precision: fp32; bf16 (bf16 autocast, the output head in fp32: fp32 maps); "
+                     "bf16_full (head too: depth with an 8-bit mantissa, not recommended); auto = bf16 on "
+                     "CUDA, fp32 elsewhere")
+    interpolation: Interpolation = field_(
+        "auto", help="resize of the image to the teacher's input: auto = its image processor's resample "
+                     "(bicubic for dpt/depth_anything), bilinear or bicubic")
 
     def validate(self) -> None:
         """Check this teacher alone (pure); raises :class:`ConfigError` naming the field."""
@@ -108,6 +127,9 @@ class TeacherConfig:
             raise ConfigError("input_size", f"must be >= 32 or null, got {self.input_size}")
         if self.precision not in get_args(Precision):
             raise ConfigError("precision", f"must be one of {list(get_args(Precision))}, got {self.precision!r}")
+        if self.interpolation not in get_args(Interpolation):
+            raise ConfigError("interpolation",
+                              f"must be one of {list(get_args(Interpolation))}, got {self.interpolation!r}")
         return task
 
 
@@ -138,8 +160,9 @@ class LabelConfig:
     semseg_weights: str | None = field_(
         None, help="shorthand for `teachers`: save_pretrained folder/URL of the semseg teacher, or a comma list "
                    "matching semseg_teacher (an entry 'null' = tiny random); null = all tiny random")
-    teacher_short_side: int = field_(384, help="short side (pixels) of the teachers' input, rounded to the model's "
-                                               "multiple (a teacher's input_size overrides it)")
+    teacher_short_side: int | None = field_(
+        None, help="deprecated (use teachers[i].input_size): short side (pixels) for every teacher without an "
+                   "input_size of its own, instead of its native size; null = each teacher's native size")
     batch_size: int = field_(16, help="images per teacher forward pass")
     num_workers: int = field_(0, help="Ray actors, each holding both teachers; 0 = one per GPU, else per cpus_per_worker CPUs")
     cpus_per_worker: int = field_(1, help="CPUs (and torch threads) per actor")
@@ -148,6 +171,9 @@ class LabelConfig:
     mode: Literal["resume", "overwrite", "extend"] = field_(
         "resume", help="resume: skip finished shards; overwrite: redo all; extend: keep shards, add new keys")
     max_pixels: int = field_(40_000_000, help="images with more pixels are skipped (reason too_large)")
+    min_side: int = field_(32, help="images with a shorter side (pixels) are skipped (reason too_small)")
+    max_aspect: float = field_(4.0, help="images whose long side exceeds max_aspect x their short side are "
+                                         "skipped (reason too_elongated)")
     seed: int = field_(0, help="seed of the plan's shuffle and of tiny random teachers")
     read_threads: int = field_(8, help="threads reading source bytes ahead of decoding, per actor")
     decode_threads: int = field_(1, help="threads decoding images and resizing them to the teachers' input "
@@ -155,8 +181,26 @@ class LabelConfig:
                                          "forward), per actor")
     worker_nice: int | None = field_(0, help="niceness of the labelling workers (Ray starts workers at 15, so "
                                              "any other process on the machine starves them); null keeps Ray's")
-    shard_retries: int = field_(2, help="times a shard is labelled again after its worker died or it failed "
-                                        "(each retry is logged; a dead worker is replaced)")
+    shard_retries: int = field_(2, help="times a shard is labelled again after its worker died or it failed (a "
+                                        "missing/unreadable source, a teacher or write error; retried on a fresh "
+                                        "worker, each retry logged); then the run fails naming the shard")
+    max_skip_fraction: float = field_(
+        0.01, help="a shard whose skipped images (corrupt, not an image, too large/small, unsupported) exceed "
+                   "this fraction of its images fails instead of being marked done")
+    read_retries: int = field_(4, help="times a source read is retried after a transient error (timeout, "
+                                       "connection reset, HTTP 429/5xx, S3 SlowDown), with exponential backoff")
+    read_backoff_s: float = field_(1.0, help="seconds before the first read retry; doubled each retry (max 30 s)")
+    shared_fs: bool = field_(False, help="a local (non-URL) input/output path is on a file system every Ray "
+                                         "node mounts; required for local paths when the cluster has >1 node")
+    placement_timeout_s: float = field_(
+        300.0, help="seconds to wait for the cluster to place the label workers' resources (CPUs, GPUs) "
+                    "before failing with the missing resource named")
+    lease_ttl_s: float = field_(
+        120.0, help="a run holds a lease on {output}/{split} (owner, host, pid, heartbeat); another run refuses "
+                    "the output while the heartbeat is younger than this")
+    storage_options: dict[str, dict[str, Any]] = field_(
+        {}, help="fsspec options per protocol for the driver and every worker, e.g. {s3: {endpoint_url: "
+                 "'http://minio:9000'}}; no credentials here (they come from the environment: AWS_*, HF_*)")
     progress: bool = field_(True, help="show a progress bar (images/s) on stderr")
 
     def validate(self) -> None:
@@ -170,11 +214,21 @@ class LabelConfig:
         self.teacher_configs()
         if self.worker_nice is not None and not -20 <= self.worker_nice <= 19:
             raise ConfigError("worker_nice", f"must be in [-20, 19] or null, got {self.worker_nice}")
-        for key, low in (("samples_per_shard", 1), ("teacher_short_side", 32), ("batch_size", 1), ("num_workers", 0),
+        if self.teacher_short_side is not None and self.teacher_short_side < 32:
+            raise ConfigError("teacher_short_side", f"must be >= 32 or null, got {self.teacher_short_side}")
+        if not self.max_aspect >= 1.0:
+            raise ConfigError("max_aspect", f"must be >= 1 (long side / short side), got {self.max_aspect}")
+        for key, low in (("samples_per_shard", 1), ("min_side", 1), ("batch_size", 1), ("num_workers", 0),
                          ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1), ("decode_threads", 1),
-                         ("shard_retries", 0)):
+                         ("shard_retries", 0), ("read_retries", 0), ("read_backoff_s", 0.0)):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError("max_skip_fraction", f"must be in [0, 1], got {self.max_skip_fraction}")
+        for key in ("placement_timeout_s", "lease_ttl_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"must be > 0 seconds, got {getattr(self, key)}")
+        _check_storage_options(self.storage_options)
 
     def preflight(self) -> None:
         """Checks that read storage: every teacher's ``weights`` exists (local path or URL).
@@ -235,15 +289,53 @@ class LabelConfig:
 
         ``slot`` (:func:`teacher_slot`) is the task (``depth``/``semseg``) for the primary teacher, which
         writes ``depth.png``/``semseg.png``, and ``{task}.{name}`` for each further one. ``short_side`` is
-        the teacher's ``input_size`` or else ``teacher_short_side`` (pixels); ``device``: ``cpu``/``cuda``.
+        the teacher's ``input_size``, else the deprecated ``teacher_short_side`` (logged once), else ``None``
+        = the teacher's native size (pixels); ``device``: ``cpu``/``cuda``.
         """
+        if self.teacher_short_side is not None:
+            _warn_teacher_short_side(self.teacher_short_side)
         out: dict[str, dict] = {}
         for t in self.teacher_configs():
             slot = teacher_slot(t.task, t.name, primary=t.task not in out)
             out[slot] = dict(name=t.name, weights=t.weights, seed=self.seed,
                              short_side=t.input_size or self.teacher_short_side, device=device,
-                             batch_size=self.batch_size, precision=t.precision, revision=t.revision)
+                             batch_size=self.batch_size, precision=t.precision, revision=t.revision,
+                             interpolation=t.interpolation)
         return out
+
+    def label_policy(self) -> dict[str, Any]:
+        """The label-affecting settings of this config, the ``config`` part of the split's label fingerprint
+        (``teachers.label_fingerprint``): per teacher slot its ``name``, the ``revision`` it expects,
+        ``input_size`` (its own, else ``teacher_short_side``, else ``None`` = native), ``interpolation`` and
+        ``precision`` as configured; and the output-policy keys (:data:`OUTPUT_POLICY_KEYS`) this config has.
+        Pure (no I/O)."""
+        teachers = {slot: {k: spec[k] for k in ("name", "revision", "interpolation", "precision")}
+                    | {"input_size": spec["short_side"]} for slot, spec in self.teacher_specs().items()}
+        return {"teachers": teachers, **{k: getattr(self, k) for k in OUTPUT_POLICY_KEYS if hasattr(self, k)}}
+
+
+def _check_storage_options(options: dict[str, dict[str, Any]]) -> None:
+    """Check ``storage_options``: protocol names as keys, JSON-able values, and no credentials (those
+    come from the environment and never land in a saved config).
+
+    Raises:
+        ConfigError: naming ``storage_options.<protocol>[.<option>]``.
+    """
+    import json
+
+    for proto, opts in options.items():
+        if not _PROTOCOL_RE.match(proto):
+            raise ConfigError(f"storage_options.{proto}", "must be an fsspec protocol name such as s3, gcs, http")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"storage_options.{proto}", f"must map option names to values, got {opts!r}")
+        for name in opts:
+            if _CREDENTIAL_RE.search(str(name)):
+                raise ConfigError(f"storage_options.{proto}.{name}", "looks like a credential; give credentials "
+                                  "in the environment (AWS_ACCESS_KEY_ID, ...), never in a config")
+        try:
+            json.dumps(opts)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"storage_options.{proto}", f"must be JSON-able: {e}") from None
 
 
 def _shorthand_names(key: str, value: str, task: str) -> list[str]:
@@ -285,3 +377,56 @@ def _shorthand_weights(key: str, value: str | None, names: list[str], teacher_va
         raise ConfigError(key, f"has {len(items)} comma-separated entries for {len(names)} teacher(s) "
                                f"{teacher_value!r}; give one per teacher ('null' = tiny random) or null for all")
     return [None if w.lower() in _NULL_WEIGHTS else w for w in items]
+
+
+_WARNED_SHORT_SIDE: set[int] = set()
+
+
+def _warn_teacher_short_side(value: int) -> None:
+    """Log once per process that the deprecated ``teacher_short_side`` overrides the teachers' native sizes."""
+    if value not in _WARNED_SHORT_SIDE:
+        _WARNED_SHORT_SIDE.add(value)
+        log.warning("teacher_short_side=%d is deprecated: it runs every teacher without an input_size of its own at "
+                    "a %d px short side instead of its native size; set teachers[i].input_size, or leave both "
+                    "null for the native sizes", value, value)
+
+
+def save_label_config(cfg: LabelConfig, url: str, replace: bool = False) -> str:
+    """Save the resolved, redacted config as a split's ``config.yaml`` at ``url``, never overwriting it
+    silently: written when absent or ``replace`` (``mode=overwrite``); left as is when this config equals it
+    (keys of :data:`RUN_ONLY_KEYS` aside); otherwise kept, and this run's config is written beside it as
+    ``config.<UTC time>.yaml`` with a warning naming the keys that differ. (Label-affecting differences are
+    refused before this by the label fingerprint, ``teachers.check_fingerprint``.)
+
+    Returns:
+        the URL holding this run's config.
+    Raises:
+        OSError: storage errors.
+    """
+    import time
+
+    import yaml
+
+    from polymae.pipeline.config import save_config, to_dict
+
+    if replace or not storage.exists(url):
+        save_config(cfg, url)
+        return url
+    old = yaml.safe_load(storage.read_bytes(url)) or {}
+    new = _yaml_roundtrip(to_dict(cfg))
+    changed = sorted(k for k in set(old) | set(new) if k not in RUN_ONLY_KEYS and old.get(k) != new.get(k))
+    if not changed:
+        return url
+    stem = url[: -len(".yaml")] if url.endswith(".yaml") else url
+    alt = f"{stem}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"
+    save_config(cfg, alt)
+    log.warning("%s is kept (the config this split was first labelled with); this run's config differs in %s and "
+                "is saved as %s", url, changed, alt)
+    return alt
+
+
+def _yaml_roundtrip(obj: Any) -> Any:
+    """``obj`` as YAML reads it back (tuples become lists), for comparing a config with a saved one."""
+    import yaml
+
+    return yaml.safe_load(yaml.safe_dump(obj, sort_keys=False))

@@ -16,12 +16,25 @@ Flow of :func:`run_label`::
 
 Modules: ``config.py`` (:class:`LabelConfig`, :class:`TeacherConfig`), ``plan.py`` (the plan),
 ``scheduler.py`` (Ray and the actor pool), ``worker.py`` (one shard), ``teachers.py`` (the models),
-``outputs.py`` (index, manifest, summary).
+``outputs.py`` (index, manifest, summary), ``lease.py`` (one run per output split).
 
 Exactly once: every key is in exactly one shard of the plan; a shard is published by an atomic rename
 and then marked done by its stats file, so a run killed at any moment (driver or worker) leaves only
-finished shards and hidden ``.{name}.tmp-*`` files that readers ignore; a re-run (or the runner's retry
-of a shard whose worker died, ``shard_retries``) labels exactly the shards without a done marker.
+finished shards and hidden ``.{name}.tmp-*`` files (or, on S3, incomplete multipart uploads, aborted by
+the next run) that readers ignore; a re-run (or the runner's retry of a shard whose worker died,
+``shard_retries``) labels exactly the shards without a done marker, listed past fsspec's cache.
+
+Failures fail: only an image's own problem (corrupt, not an image, too large, ...) is a counted skip,
+and a shard with more than ``max_skip_fraction`` skips fails. A missing or unreadable source (after
+``read_retries`` retries of transient errors), a teacher exception or a write error fails the shard: no
+done marker, retried on a fresh worker, and after ``shard_retries`` the run raises naming every failed
+shard and its error; the manifest says ``complete: true`` only when every planned shard is done.
+
+Concurrency and clusters: a run holds a lease on ``{output}/{split}`` (``lease.py``), so a second driver
+refuses it; on a Ray cluster of several nodes, local paths need ``shared_fs=true``; the storage
+environment (``AWS_*``, ``HF_*``, ``storage_options``) reaches every worker through its runtime
+environment; workers that cannot be placed within ``placement_timeout_s`` fail the run naming the
+resource, and with ``num_workers=0`` the pool grows as nodes join.
 
 Modes: ``resume`` (default) labels only shards without a stats file; ``overwrite`` deletes the split's
 outputs and plans again; ``extend`` keeps every existing shard byte-identical and puts keys that are
@@ -31,18 +44,24 @@ new in the source into new shards after the last one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import time
 from typing import Callable, Iterator
 
 from polymae.datasets import shards as S
 from polymae.datasets import storage
 from polymae.datasets.sources import SourceEntry, open_source
-from polymae.pipeline.config import save_config
-from polymae.pipeline.label.config import LabelConfig
+from polymae.patches import fsspec_defaults
+from polymae.pipeline.label.config import LabelConfig, save_label_config
 from polymae.pipeline.label.outputs import PendingRun, make_summary, print_summary, write_index, write_manifest
 from polymae.pipeline.label.plan import Plan, load_or_create_plan, plan_url
-from polymae.pipeline.label.scheduler import ShardScheduler, pool_size, ray_session
+from polymae.pipeline.label.preview import write_preview_or_warn
+from polymae.pipeline.label.lease import OutputLease
+from polymae.pipeline.label.scheduler import (ShardScheduler, alive_nodes, check_shared_paths, pool_size, ray_session,
+                                              storage_env, worker_target)
+from polymae.pipeline.label.teachers import FINGERPRINT_NAME, check_fingerprint, label_fingerprint
 from polymae.pipeline.label.worker import LabelWorker, ShardJob
 
 log = logging.getLogger("polymae.label")
@@ -52,6 +71,11 @@ CONFIG_NAME = "config.yaml"
 
 def run_label(cfg: LabelConfig) -> dict:
     """Run the label job (see the module docstring).
+
+    Relative local ``input``/``output`` paths are made absolute here, in the driver, so that every worker
+    uses the same folder; ``storage_options`` apply to every storage call of the run (driver and workers).
+    The run holds a lease on ``{output}/{split}`` (:class:`~polymae.pipeline.label.lease.OutputLease`)
+    from before planning until the manifest is written.
 
     Returns:
         summary dict: ``output`` (split folder), ``split``, ``mode``, ``plan``/``manifest``/``index`` URLs;
@@ -66,26 +90,54 @@ def run_label(cfg: LabelConfig) -> dict:
         decoded batches), ``workers``, ``retries``, ``shards_retried`` (``{index: attempts}``),
         ``workers_replaced``, ``teachers`` (``{slot: {name, revision, random_init, kind | label_set}}``,
         ``slot`` as in :func:`~polymae.pipeline.label.config.teacher_slot`: every teacher of every task).
+
     Raises:
-        ConfigError: a teacher's weights are missing (``cfg.preflight()``) or the teachers are invalid.
+        ConfigError: a teacher's weights are missing (``cfg.preflight()``) or the teachers are invalid; a
+        local input/output on a Ray cluster of several nodes without ``shared_fs=true``.
         SourceError: the input cannot be listed. ValueError: the output was planned from another input,
-        or its shards were labelled by other teachers (use ``mode=overwrite``). RuntimeError: some shards
-        failed (after the manifest of the finished ones is written; a re-run resumes them).
+        or its shards were labelled by other teachers (use ``mode=overwrite``); ``FingerprintMismatch`` (a
+        ValueError): resume/extend with other label settings (``teachers.check_fingerprint``, names each).
+        LeaseHeld: another run is labelling the same output split.
+        PlacementError: no label worker could be placed within ``placement_timeout_s``.
+        RuntimeError: some shards failed after ``shard_retries`` retries, each named with its error (after
+        the manifest of the finished ones is written, with ``complete: false``; a re-run resumes them).
     """
     t_start = time.time()
-    cfg.preflight()
+    cfg = absolute_paths(cfg)
+    with fsspec_defaults(cfg.storage_options):
+        cfg.preflight()
+        split_url = S.split_dir(cfg.output, cfg.split)
+        source = open_source(cfg.input, cfg.input_kind)
+        storage.makedirs(split_url)
+        with OutputLease(split_url, cfg.lease_ttl_s):
+            return _run_leased(cfg, source, t_start)
+
+
+def absolute_paths(cfg: LabelConfig) -> LabelConfig:
+    """``cfg`` with relative local ``input``/``output`` paths made absolute against the driver's working
+    folder (a Ray worker's working folder is not the driver's); URLs are kept."""
+    changes = {k: os.path.abspath(getattr(cfg, k)) for k in ("input", "output") if "://" not in getattr(cfg, k)}
+    return dataclasses.replace(cfg, **changes)
+
+
+def _run_leased(cfg: LabelConfig, source, t_start: float) -> dict:
+    """:func:`run_label` once the output's lease is held: plan, label the pending shards, write the index,
+    the manifest and the summary."""
     split_url = S.split_dir(cfg.output, cfg.split)
-    source = open_source(cfg.input, cfg.input_kind)
     if cfg.mode == "overwrite":
         _clear_split(cfg.output, cfg.split)
     storage.makedirs(split_url)
     plan = load_or_create_plan(cfg, source)
-    save_config(cfg, f"{split_url}/{CONFIG_NAME}")
 
     by_shard = plan.shards()
-    markers = S.list_done_markers(cfg.output, cfg.split)
+    _abort_stale_uploads(split_url)  # killed runs' unfinished multipart uploads (we hold the lease)
+    markers = fresh_done_markers(cfg.output, cfg.split)
     done_before = {i: markers[i] for i in by_shard if i in markers}
     pending = [i for i in by_shard if i not in done_before]
+    # label settings (teachers.label_fingerprint) must match the finished shards'; config.yaml is never overwritten
+    check_fingerprint(f"{split_url}/{FINGERPRINT_NAME}", label_fingerprint(cfg.label_policy()),
+                      finished=len(done_before), pending=len(pending), replace=cfg.mode == "overwrite")
+    save_label_config(cfg, f"{split_url}/{CONFIG_NAME}", replace=cfg.mode == "overwrite")
     stats: dict[int, dict] = {i: storage.read_json(u) for i, u in done_before.items()}
     log.info("%s: %d images in %d shards; %d shards to label, %d already done", split_url, len(plan.keys),
              len(by_shard), len(pending), len(done_before))
@@ -99,13 +151,24 @@ def run_label(cfg: LabelConfig) -> dict:
     teachers = run.teachers or next((s.get("teachers", {}) for s in stats.values()), {})
     urls = {"output": split_url, "plan": plan_url(cfg.output, cfg.split), "index": write_index(cfg, plan, stats),
             "manifest": write_manifest(cfg, plan, stats, teachers, source.describe())}
+    write_preview_or_warn(cfg.output, cfg.split)  # preview.png beside the manifest; never fails the split
     summary = make_summary(cfg, urls, len(by_shard), stats, pending, len(done_before), failed, run, teachers,
                            time.time() - t_start)
     print_summary(summary)
     if failed:
         lines = "\n".join(f"  shard {i}: {msg}" for i, msg in sorted(failed.items()))
-        raise RuntimeError(f"{len(failed)} shard(s) failed (re-run to resume them):\n{lines}")
+        raise RuntimeError(f"{len(failed)} of {len(by_shard)} shard(s) failed after up to {cfg.shard_retries + 1} "
+                           f"attempt(s) each; they have no done marker and the manifest says complete: false "
+                           f"(fix the cause and re-run to label them):\n{lines}")
     return summary
+
+
+def fresh_done_markers(output: str, split: str) -> dict[int, str]:
+    """``{index: stats url}`` of the split's done markers as the store holds them now: fsspec's listing cache
+    (s3fs keeps every listing for the life of the process) is dropped first, so markers that other
+    processes wrote or removed since this process last listed the split are seen."""
+    storage.invalidate_cache(S.split_dir(output, split))
+    return S.list_done_markers(output, split)
 
 
 def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[SourceEntry]], pending: list[int],
@@ -120,15 +183,22 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
     t0 = time.time()
     with ray_session(cfg.ray_address, cfg.worker_nice):
         run = PendingRun(teachers={}, ray_start_seconds=time.time() - t0, retried={})
+        check_shared_paths({"input": cfg.input, "output": cfg.output}, alive_nodes(), cfg.shared_fs)
         use_cuda, n_workers = pool_size(cfg.device, cfg.num_workers, cfg.cpus_per_worker, len(pending))
         specs = cfg.teacher_specs(device="cuda" if use_cuda else "cpu")
         t_load = time.time()
         pool = ShardScheduler(LabelWorker, (specs, cfg.cpus_per_worker, cfg.worker_nice), n_workers,
-                              cfg.shard_retries, num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_cuda else 0)
+                              cfg.shard_retries, num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_cuda else 0,
+                              placement_timeout_s=cfg.placement_timeout_s,
+                              target=None if cfg.num_workers else worker_target(use_cuda, cfg.cpus_per_worker),
+                              env_vars=storage_env(cfg.storage_options))
         try:
-            run.teachers, run.workers = pool.metadata()[0], n_workers  # every actor has loaded its teachers
+            run.teachers = pool.metadata()[0]  # every placed actor has loaded its teachers
             run.teacher_load_seconds = time.time() - t_load
             _check_teachers(run.teachers, stats)
+            check_fingerprint(f"{S.split_dir(cfg.output, cfg.split)}/{FINGERPRINT_NAME}",
+                              label_fingerprint(cfg.label_policy(), run.teachers), finished=len(stats),
+                              pending=len(pending))
             jobs = [_shard_job(cfg, plan, i, by_shard[i]) for i in pending]
             t_ready = time.time()
             with _progress(cfg, jobs, stats) as on_done:
@@ -139,6 +209,7 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
                     failed[i] = "the shard was never labelled (see the Ray logs)"
             run.label_seconds = time.time() - t_ready
             run.retries, run.retried, run.workers_replaced = pool.retries, pool.retried, pool.workers_replaced
+            run.workers = pool.peak_workers
             return run
         finally:
             pool.close()
@@ -148,7 +219,9 @@ def _shard_job(cfg: LabelConfig, plan: Plan, index: int, entries: list[SourceEnt
     """The :class:`ShardJob` of shard ``index`` of the plan."""
     return ShardJob(cfg.split, index, S.shard_url(cfg.output, cfg.split, index),
                     S.stats_url(cfg.output, cfg.split, index), entries, plan.meta.get("classes"), cfg.max_pixels,
-                    cfg.batch_size, cfg.read_threads, cfg.decode_threads)
+                    cfg.batch_size, cfg.read_threads, cfg.decode_threads, max_skip_fraction=cfg.max_skip_fraction,
+                    read_retries=cfg.read_retries, read_backoff_s=cfg.read_backoff_s, min_side=cfg.min_side,
+                    max_aspect=cfg.max_aspect)
 
 
 @contextlib.contextmanager
@@ -198,6 +271,18 @@ def _clear_split(output: str, split: str) -> None:
                 *S.list_done_markers(output, split).values(), *S.list_shard_tars(output, split).values(),
                 plan_url(output, split)):
         storage.remove(url)
+
+
+def _abort_stale_uploads(split_url: str) -> list[str]:
+    """Abort the incomplete multipart uploads under the split (``storage.abort_incomplete_uploads``): what a
+    killed run left on S3, invisible to readers but billed. Best effort: without the permission to list
+    them, a warning is logged and the run goes on (they hold no data anyone reads)."""
+    try:
+        return storage.abort_incomplete_uploads(split_url)
+    except Exception as e:  # noqa: BLE001 - cleanup only; the labelling itself does not depend on it
+        log.warning("could not abort incomplete uploads under %s (%s: %s); they stay until the bucket's "
+                    "lifecycle rule or a later run removes them", split_url, type(e).__name__, e)
+        return []
 
 
 def _remove_stale_temporaries(output: str, split: str) -> list[str]:

@@ -101,7 +101,8 @@ def write_index(cfg: LabelConfig, plan: Plan, stats: dict[int, dict]) -> str:
 def write_manifest(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teachers: dict[str, dict],
                    source_desc: dict) -> str:
     """Write ``manifest.json`` from the finished shards' ``stats`` and the ``teachers`` metadata
-    (``{slot: metadata}``) atomically; returns its URL."""
+    (``{slot: metadata}``) atomically; returns its URL. ``complete`` is true only when every shard of the
+    plan is finished (has its done marker); ``missing_shards`` lists the planned ones that are not."""
     label_sets = {}
     for m in teachers.values():
         if m.get("task") == "semseg":
@@ -120,7 +121,8 @@ def write_manifest(cfg: LabelConfig, plan: Plan, stats: dict[int, dict], teacher
                     **{slot: S.member(slot_task(slot), None if slot == slot_task(slot) else m["name"])
                        for slot, m in teachers.items()}, "meta": S.META, "cls": S.CLS},
         "counts": {**totals(stats.values()), "shards": len(stats)},
-        "complete": set(planned) <= set(stats),
+        "complete": set(planned) <= set(stats),  # every planned shard has its done marker
+        "missing_shards": sorted(set(planned) - set(stats)),
         "shards": [{"index": i, "name": stats[i]["name"], "url": S.shard_url(cfg.output, cfg.split, i),
                     "size": stats[i]["size"], "sha256": stats[i]["sha256"], "samples": stats[i]["written"],
                     "samples_in": stats[i]["samples_in"],

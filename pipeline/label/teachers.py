@@ -20,13 +20,33 @@ name                task     transformers class                    input sides
                                                                    ``semantic``)
 ==================  =======  ====================================  ==========================
 
-Resolution policy (:func:`fit_size`): the image is resized (bilinear, antialiased) so that its short
-side is ``short_side`` pixels and both sides are multiples of the model's ``multiple`` (aspect ratio
-kept, the long side capped at ``4 * short_side``); the plain-ViT DPT reassembles its tokens into a
-square grid, so it gets a ``short_side x short_side`` square like its own image processor does. The
-prediction is resized back to the original size: bilinear for depth; for semseg the class scores from
+Resolution policy (:func:`native_input`, :func:`fit_size`): by default a teacher runs at the *native* input
+size its image processor declares (``size``: ``height``/``width`` or ``shortest_edge``/``longest_edge``;
+``ensure_multiple_of``; e.g. 384 for DPT, 518 for Depth Anything, 512 for SegFormer), resized with the
+processor's own ``resample`` (bicubic for DPT and Depth Anything, bilinear for SegFormer and the
+Mask2Former/OneFormer processors; antialiased when shrinking). ``short_side`` overrides the native short side
+(rounded to the model's ``multiple``). The image is resized so that its short side is ``short_side`` and both
+sides are multiples of ``multiple``, keeping the aspect ratio; a processor's ``longest_edge`` (else
+``MAX_ASPECT x short_side``) caps the long side by shrinking both sides, never by squashing. The plain-ViT DPT
+reassembles its tokens into a square grid, so it gets a ``short_side x short_side`` square like its own image
+processor does. (Depth Anything's HF processor scales as little as possible, which for images smaller than
+518 px makes the *long* side 518; we follow its reference inference, ``resize_method="lower_bound"``: short side
+518.) The prediction is resized back to the original size: bilinear for depth; for semseg the class scores from
 the image processor's ``post_process_semantic_segmentation`` are upsampled bilinearly and arg-maxed
 (:func:`upsample_argmax`, in row chunks so large images do not need ``C x H x W`` floats at once).
+
+Precision (:func:`resolve_precision`): ``fp32`` runs everything in float32; ``bf16`` runs the trunk under
+bfloat16 autocast but the modules that produce the outputs (:attr:`TeacherSpec.fp32_modules`: the DPT
+decoder of the depth teachers, SegFormer's decode head, the Mask2Former/OneFormer transformer decoder) in
+float32, so depth is computed from a float32 head (a bf16 head output has an 8-bit mantissa: ~150 distinct
+depths in a 384x384 map, which a 16-bit PNG then stores as 8-bit depth); ``bf16_full`` autocasts everything,
+head included (not recommended; kept to measure the difference); ``auto`` = ``bf16`` on CUDA, ``fp32``
+elsewhere. Outputs are float32 in every mode but ``bf16_full``.
+
+Fingerprint (:func:`label_fingerprint`): every setting that changes a label (teacher, architecture, revision
+= weights hash, input size and multiple, interpolation, precision, and the job's output policy) hashed into
+``sha256:<hex>`` and kept beside the shards (:data:`FINGERPRINT_NAME`); :func:`check_fingerprint` refuses to
+resume or extend a split with different settings, naming each one that changed.
 
 Weights come only from a folder written by ``save_pretrained`` (``from_pretrained(path,
 local_files_only=True)``) or an fsspec URL of such a folder (copied to a local cache first); nothing is
@@ -59,8 +79,11 @@ from polymae.patches import global_torch_seed, hf_config_extras, quiet_transform
 log = logging.getLogger("polymae.teachers")
 
 DEPTH_KINDS = ("relative_inverse", "metric")
-PRECISIONS = ("auto", "fp32", "bf16")
-MAX_ASPECT = 4.0
+PRECISIONS = ("auto", "fp32", "bf16", "bf16_full")
+INTERPOLATIONS = ("auto", "bilinear", "bicubic")
+MAX_ASPECT = 4.0  # long-side cap (x short side) for processors that declare no longest_edge
+# Pillow's resample codes (what image processors store) -> the torch mode that resizes the same way
+_RESAMPLE_MODES = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -74,23 +97,23 @@ def fit_size(height: int, width: int, short_side: int, multiple: int, square: bo
              max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
     """Model input size ``(h, w)`` in pixels for an image of ``height x width`` pixels.
 
-    The short side becomes ~``short_side``, the aspect ratio is kept (the long side is capped at
-    ``max_aspect * short_side``) and both sides are rounded to multiples of ``multiple``; with
-    ``square=True`` the result is ``(s, s)`` with ``s = round_to_multiple(short_side)``.
+    The short side becomes ~``short_side`` with the aspect ratio kept, unless the long side would then
+    exceed ``max_aspect * short_side``: then the long side becomes that and the short side shrinks (both
+    scaled alike, as image processors do with ``longest_edge``; nothing is squashed). Both sides are rounded
+    to multiples of ``multiple`` (at least one multiple). With ``square=True`` the result is ``(s, s)``,
+    ``s = round_to_multiple(short_side)``.
 
     Raises:
         ValueError: non-positive sizes.
     """
-    if height <= 0 or width <= 0 or short_side <= 0 or multiple <= 0:
-        raise ValueError(f"sizes must be positive: {height}x{width}, short_side={short_side}, multiple={multiple}")
+    if height <= 0 or width <= 0 or short_side <= 0 or multiple <= 0 or max_aspect <= 0:
+        raise ValueError(f"sizes must be positive: {height}x{width}, short_side={short_side}, multiple={multiple}, "
+                         f"max_aspect={max_aspect}")
     if square:
         s = round_to_multiple(short_side, multiple)
         return s, s
-    scale = short_side / min(height, width)
-    h, w = height * scale, width * scale
-    cap = short_side * max_aspect
-    h, w = min(h, cap), min(w, cap)
-    return round_to_multiple(h, multiple), round_to_multiple(w, multiple)
+    scale = min(short_side / min(height, width), short_side * max_aspect / max(height, width))
+    return round_to_multiple(height * scale, multiple), round_to_multiple(width * scale, multiple)
 
 
 def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: int = 2**26) -> torch.Tensor:
@@ -136,16 +159,19 @@ class Teacher:
     Attributes:
         name: registry name; ``task``: ``"depth"`` or ``"semseg"``; ``revision``: ``sha256:<hex>`` of the
         weight files (loaded) or of the state dict (tiny builds); ``random_init``: weights are random;
-        ``short_side``/``multiple``/``square``: the resolution policy (pixels); ``device``: torch device;
-        ``precision``: as given (see :func:`autocast_dtype`); ``autocast_dtype``: the forward pass's
-        autocast dtype, ``None`` = float32.
+        the resolution policy (see the module docstring): ``native_short_side`` (pixels, from the image
+        processor), ``short_side`` (pixels, the override or the native one, a multiple of ``multiple``),
+        ``multiple``, ``square``, ``max_aspect`` (long-side cap / short side), ``interpolation`` (torch
+        mode: ``bilinear``/``bicubic``); ``device``: torch device; ``precision``: resolved (``fp32``,
+        ``bf16`` or ``bf16_full``, see :func:`resolve_precision`); ``autocast_dtype``: the trunk's autocast
+        dtype, ``None`` = float32.
     """
 
     task = ""
 
     def __init__(self, spec: "TeacherSpec", model: torch.nn.Module, processor: Any, *, revision: str,
                  random_init: bool, source: str, short_side: int | None = None, device: str = "cpu",
-                 batch_size: int = 8, precision: str = "auto"):
+                 batch_size: int = 8, precision: str = "auto", interpolation: str | None = None):
         self.spec = spec
         self.name = spec.name
         self.model = model.eval()
@@ -153,13 +179,17 @@ class Teacher:
         self.revision = revision
         self.random_init = bool(random_init)
         self.source = source
-        self.multiple = spec.multiple
-        self.short_side = round_to_multiple(short_side or spec.default_short_side, self.multiple)
+        native = native_input(spec, processor)
+        self.native_short_side, self.multiple, self.max_aspect = native.short_side, native.multiple, native.max_aspect
+        self.short_side = round_to_multiple(short_side or native.short_side, self.multiple)
+        self.interpolation = resolve_interpolation(interpolation, native.interpolation)
         self.square = spec.square(model.config)
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device(resolve_device(device))
-        self.precision = precision
-        self.autocast_dtype = autocast_dtype(precision, self.device.type)
+        self.precision = resolve_precision(precision, self.device.type)
+        self.autocast_dtype = autocast_dtype(self.precision, self.device.type)
+        if self.precision == "bf16":
+            keep_fp32(self.model, spec.fp32_modules, self.device.type)
         self.model.to(self.device)
         mean = torch.tensor(list(getattr(processor, "image_mean", (0.5, 0.5, 0.5))), dtype=torch.float32)
         std = torch.tensor(list(getattr(processor, "image_std", (0.5, 0.5, 0.5))), dtype=torch.float32)
@@ -169,7 +199,7 @@ class Teacher:
     # -- policy -----------------------------------------------------------------------------
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """Model input ``(h, w)`` in pixels for an image of ``height x width`` (see :func:`fit_size`)."""
-        return fit_size(height, width, self.short_side, self.multiple, square=self.square)
+        return fit_size(height, width, self.short_side, self.multiple, square=self.square, max_aspect=self.max_aspect)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -194,11 +224,15 @@ class Teacher:
         self._check([image])
         return self._resize(image, self.input_size(image.shape[0], image.shape[1]), torch.device(device))
 
-    @staticmethod
-    def _resize(img: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def _resize(self, img: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """float32 ``[1, 3, h, w]`` in ``[0, 255]``: ``img`` resized to ``size`` with :attr:`interpolation`
+        (antialiased when shrinking, as Pillow resamples in the image processors)."""
         t = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float()
         if tuple(t.shape[-2:]) != tuple(size):
-            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+            if self.interpolation == "nearest":
+                t = F.interpolate(t, size=size, mode="nearest")
+            else:
+                t = F.interpolate(t, size=size, mode=self.interpolation, align_corners=False, antialias=True)
         return t.clamp_(0.0, 255.0)
 
     def _pixel_values(self, images: Sequence[np.ndarray], size: tuple[int, int],
@@ -263,13 +297,26 @@ class Teacher:
     # -- identity ---------------------------------------------------------------------------
     def metadata(self) -> dict:
         """JSON-able description: name, task, architecture, revision, random_init, source, resolution
-        policy (``short_side``, ``multiple``, ``square``), ``device``, ``dtype``, and the task's keys."""
-        return {
+        policy (``short_side``, ``native_short_side``, ``multiple``, ``square``, ``max_aspect``,
+        ``interpolation``), ``precision`` (resolved), ``device``, ``dtype`` (the trunk's compute dtype),
+        ``output_dtype`` (of the maps the model returns), the task's keys, and ``fingerprint``
+        (:func:`teacher_fingerprint` of the label-affecting keys)."""
+        meta = {
             "name": self.name, "task": self.task, "architecture": type(self.model).__name__,
             "revision": self.revision, "random_init": self.random_init, "source": self.source,
-            "short_side": self.short_side, "multiple": self.multiple, "square": self.square,
-            "device": self.device.type, "dtype": "bfloat16" if self.autocast_dtype is torch.bfloat16 else "float32",
+            "short_side": self.short_side, "native_short_side": self.native_short_side, "multiple": self.multiple,
+            "square": self.square, "max_aspect": self.max_aspect, "interpolation": self.interpolation,
+            "precision": self.precision, "device": self.device.type,
+            "dtype": "bfloat16" if self.autocast_dtype is torch.bfloat16 else "float32",
+            "output_dtype": "bfloat16" if self.precision == "bf16_full" else "float32",
         }
+        meta.update(self._task_metadata())
+        meta["fingerprint"] = teacher_fingerprint(meta)
+        return meta
+
+    def _task_metadata(self) -> dict:
+        """The task's own metadata keys (see the subclasses)."""
+        return {}
 
     def save_pretrained(self, path: str) -> None:
         """Write the model and its image processor to the local folder ``path`` (``save_pretrained``)."""
@@ -306,11 +353,10 @@ class DepthTeacher(Teacher):
             out.append(up.cpu().numpy().astype(np.float32, copy=False))
         return out
 
-    def metadata(self) -> dict:
-        """:meth:`Teacher.metadata` plus ``kind``, ``unit`` and, for calibrated random models,
-        ``output_calibration`` (see :func:`calibrate_depth_output`)."""
-        meta = {**super().metadata(), "kind": self.kind,
-                "unit": "metre" if self.kind == "metric" else "relative inverse depth"}
+    def _task_metadata(self) -> dict:
+        """``kind``, ``unit`` and, for calibrated random models, ``output_calibration`` (see
+        :func:`calibrate_depth_output`)."""
+        meta = {"kind": self.kind, "unit": "metre" if self.kind == "metric" else "relative inverse depth"}
         calib = getattr(self.model.config, "polymae_output_calibration", None)
         if calib is not None:
             meta["output_calibration"] = dict(calib)
@@ -348,10 +394,11 @@ class SemsegTeacher(Teacher):
             out.append(ids.cpu().numpy().astype(np.int64, copy=False))
         return out
 
-    def metadata(self) -> dict:
+    def _task_metadata(self) -> dict:
+        """``label_set``, ``num_classes``, ``class_names`` and ``ignore_index`` (the stored ignore id)."""
         from polymae.datasets.shards import semseg_ignore_value
 
-        return {**super().metadata(), "label_set": self.label_set, "num_classes": self.num_classes,
+        return {"label_set": self.label_set, "num_classes": self.num_classes,
                 "class_names": list(self.class_names), "ignore_index": semseg_ignore_value(self.num_classes)}
 
 
@@ -378,8 +425,10 @@ class OneFormerTeacher(SemsegTeacher):
 @dataclass(frozen=True)
 class TeacherSpec:
     """A registry entry: ``name``, ``task``, the transformers model/processor class names, the input
-    ``multiple`` and default ``short_side`` (pixels), ``square(config)`` (square inputs needed), and
-    ``tiny(num_labels)`` building ``(config, processor)`` for a tiny random model."""
+    ``multiple`` the model needs and ``default_short_side`` (pixels; used only when the image processor
+    declares no size), ``square(config)`` (square inputs needed), ``tiny(num_labels)`` building ``(config,
+    processor)`` for a tiny random model, and ``fp32_modules``: dotted names of the sub-modules that produce
+    the outputs, run in float32 under ``precision=bf16``."""
 
     name: str
     task: str
@@ -393,6 +442,7 @@ class TeacherSpec:
     # Build the processor from these keys of preprocessor_config.json instead of from_pretrained (OneFormer's
     # from_pretrained may fetch class metadata from a hub repo).
     processor_keys: tuple[str, ...] | None = None
+    fp32_modules: tuple[str, ...] = ()
 
     def model_cls(self):
         import transformers
@@ -471,20 +521,27 @@ def _dpt_square(cfg) -> bool:
     return getattr(cfg, "backbone_config", None) is None or bool(getattr(cfg, "is_hybrid", False))
 
 
+_DPT_DECODER = ("neck", "head")  # reassemble + fusion + depth head of DPT and Depth Anything
+
 REGISTRY: dict[str, TeacherSpec] = {
     "dpt": TeacherSpec("dpt", "depth", "DPTForDepthEstimation", "DPTImageProcessor", 32, 384, _tiny_dpt,
-                       square=_dpt_square, description="DPT (Ranftl et al. 2021), relative inverse depth"),
+                       square=_dpt_square, description="DPT (Ranftl et al. 2021), relative inverse depth",
+                       fp32_modules=_DPT_DECODER),
     "depth_anything": TeacherSpec("depth_anything", "depth", "DepthAnythingForDepthEstimation", "DPTImageProcessor",
                                   14, 518, _tiny_depth_anything,
-                                  description="Depth Anything (Yang et al. 2024), relative or metric depth"),
+                                  description="Depth Anything (Yang et al. 2024), relative or metric depth",
+                                  fp32_modules=_DPT_DECODER),
     "segformer": TeacherSpec("segformer", "semseg", "SegformerForSemanticSegmentation", "SegformerImageProcessor",
-                             32, 512, _tiny_segformer, description="SegFormer (Xie et al. 2021)"),
+                             32, 512, _tiny_segformer, description="SegFormer (Xie et al. 2021)",
+                             fp32_modules=("decode_head",)),
     "mask2former": TeacherSpec("mask2former", "semseg", "Mask2FormerForUniversalSegmentation",
                                "Mask2FormerImageProcessor", 32, 384, _tiny_mask2former,
-                               description="Mask2Former (Cheng et al. 2022), semantic post-processing"),
+                               description="Mask2Former (Cheng et al. 2022), semantic post-processing",
+                               fp32_modules=("model.transformer_module", "class_predictor")),
     "oneformer": TeacherSpec("oneformer", "semseg", "OneFormerForUniversalSegmentation", "OneFormerImageProcessor",
                              32, 384, _tiny_oneformer, description="OneFormer (Jain et al. 2023), semantic task",
-                             processor_keys=("image_mean", "image_std", "rescale_factor")),
+                             processor_keys=("image_mean", "image_std", "rescale_factor", "size", "resample"),
+                             fp32_modules=("model.transformer_module",)),
 }
 
 
@@ -513,18 +570,125 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
-    """The autocast dtype of a teacher's forward pass: ``"auto"`` = bfloat16 on CUDA, float32 (no autocast,
-    ``None``) elsewhere; ``"fp32"`` = float32 everywhere; ``"bf16"`` = bfloat16 autocast on any device.
+def resolve_precision(precision: str, device_type: str) -> str:
+    """The precision a teacher runs at: ``"auto"`` = ``"bf16"`` on CUDA, ``"fp32"`` elsewhere; the others
+    as given (``"fp32"``: all float32; ``"bf16"``: bfloat16 autocast for the trunk, the output modules
+    (:attr:`TeacherSpec.fp32_modules`) in float32; ``"bf16_full"``: bfloat16 autocast for everything).
 
     Raises:
         ValueError: ``precision`` not in :data:`PRECISIONS`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
-        return torch.bfloat16
-    return None
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of a teacher's forward pass (its trunk): bfloat16 for ``bf16``/``bf16_full`` (and
+    ``auto`` on CUDA), ``None`` (no autocast, float32) for ``fp32`` (see :func:`resolve_precision`).
+
+    Raises:
+        ValueError: ``precision`` not in :data:`PRECISIONS`.
+    """
+    return torch.bfloat16 if resolve_precision(precision, device_type) != "fp32" else None
+
+
+def _float32(x: Any) -> Any:
+    """``x`` with every bfloat16/float16 tensor in it (also inside lists, tuples and dicts) cast to float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_float32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    return x
+
+
+def keep_fp32(model: torch.nn.Module, names: Sequence[str], device_type: str) -> list[str]:
+    """Run the sub-modules ``names`` (dotted, e.g. ``"neck"``, ``"model.transformer_module"``) of ``model``
+    in float32 even inside an autocast region: each one's forward disables autocast and casts its
+    bfloat16/float16 tensor inputs to float32, so its outputs (e.g. the depth head's) are float32 computed in
+    float32. Changes only this model object (its modules' ``forward`` attributes).
+
+    Returns:
+        the names wrapped.
+    Raises:
+        AttributeError: ``model`` has no sub-module of a given name.
+    """
+    import functools
+
+    for name in names:
+        module = model.get_submodule(name)
+        inner = module.forward
+
+        @functools.wraps(inner)
+        def forward(*args, _inner=inner, **kwargs):
+            with torch.autocast(device_type=device_type, enabled=False):
+                return _inner(*_float32(args), **_float32(kwargs))
+
+        module.forward = forward
+    return list(names)
+
+
+def resolve_interpolation(interpolation: str | None, native: str) -> str:
+    """The torch resize mode of a teacher: ``native`` (its image processor's, see :func:`native_input`) for
+    ``None``/``"auto"``, else the override (``"bilinear"``/``"bicubic"``).
+
+    Raises:
+        ValueError: an override not in :data:`INTERPOLATIONS`.
+    """
+    if interpolation is None or interpolation == "auto":
+        return native
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
+    return interpolation
+
+
+@dataclass(frozen=True)
+class NativeInput:
+    """The input policy an image processor declares: ``short_side`` (pixels), ``max_aspect`` (its
+    ``longest_edge / shortest_edge``, else :data:`MAX_ASPECT`), ``multiple`` (pixels) and ``interpolation``
+    (torch mode of its ``resample``)."""
+
+    short_side: int
+    max_aspect: float
+    multiple: int
+    interpolation: str
+
+
+def _size_value(size: Any, key: str) -> int | None:
+    """``size[key]`` of a processor's ``size``/``crop_size`` (a dict, a ``SizeDict`` or ``None``)."""
+    if size is None or isinstance(size, (int, float)):
+        return None
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def native_input(spec: "TeacherSpec", processor: Any) -> NativeInput:
+    """The native input policy of a teacher, read from its image processor: the short side from ``size``
+    (``shortest_edge``, or the smaller of ``height``/``width``, or a plain int; ``crop_size`` when the
+    processor center-crops), the long-side cap from ``longest_edge``, the multiple from
+    ``ensure_multiple_of`` (when it is a multiple of the model's own ``spec.multiple``), the interpolation
+    from ``resample``. ``spec.default_short_side`` and bilinear where the processor declares nothing."""
+    size = getattr(processor, "size", None)
+    short = int(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else None
+    short = short or _size_value(size, "shortest_edge")
+    hw = [v for v in (_size_value(size, "height"), _size_value(size, "width")) if v]
+    short = short or (min(hw) if hw else None)
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and _size_value(crop, "height") and _size_value(crop, "width"):
+        short = min(_size_value(crop, "height"), _size_value(crop, "width"))
+    short = short or spec.default_short_side
+    longest = _size_value(size, "longest_edge")
+    max_aspect = max(1.0, longest / short) if longest and _size_value(size, "shortest_edge") else MAX_ASPECT
+    ensure = getattr(processor, "ensure_multiple_of", None)
+    multiple = int(ensure) if isinstance(ensure, int) and ensure > spec.multiple and ensure % spec.multiple == 0 \
+        else spec.multiple
+    resample = getattr(processor, "resample", None)
+    interpolation = _RESAMPLE_MODES.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    return NativeInput(int(short), float(max_aspect), multiple, interpolation)
 
 
 def check_revision(name: str, source: str, expected: str | None, actual: str) -> None:
@@ -690,17 +854,19 @@ def calibrate_depth_output(model: torch.nn.Module, size: int, seed: int, mean: f
 
 
 def build_tiny(name: str, seed: int = 0, *, num_labels: int = 150, short_side: int | None = None,
-               device: str = "cpu", batch_size: int = 8, precision: str = "auto") -> Teacher:
+               device: str = "cpu", batch_size: int = 8, precision: str = "auto",
+               interpolation: str | None = None) -> Teacher:
     """The registry architecture ``name`` from a tiny config with random weights drawn from ``seed``.
 
     Same ``seed`` → bit-identical weights in every process (so every Ray worker labels alike). Semseg
     teachers get ``num_labels`` classes named ``class_000``... and label set ``random-{num_labels}``.
     Depth teachers get O(1) outputs (:func:`calibrate_depth_output`; recorded in the metadata as
-    ``output_calibration``). The global torch RNG is left untouched. ``short_side`` (pixels),
-    ``device``, ``batch_size`` and ``precision`` as in :class:`Teacher`.
+    ``output_calibration``). The global torch RNG is left untouched. ``short_side`` (pixels; ``None``:
+    the tiny processor's native size, the real checkpoints' one), ``device``, ``batch_size``, ``precision``
+    and ``interpolation`` as in :class:`Teacher`.
 
     Raises:
-        KeyError: unknown ``name``. ValueError: unknown ``precision``.
+        KeyError: unknown ``name``. ValueError: unknown ``precision`` or ``interpolation``.
     """
     spec = get_spec(name)
     cfg, processor = spec.tiny(num_labels)
@@ -715,28 +881,31 @@ def build_tiny(name: str, seed: int = 0, *, num_labels: int = 150, short_side: i
             model, round_to_multiple(64, spec.multiple), seed))
     return _make(spec, model, processor, revision=state_dict_sha256(model), random_init=True,
                  source=f"tiny:seed={seed}", short_side=short_side, device=device, batch_size=batch_size,
-                 precision=precision)
+                 precision=precision, interpolation=interpolation)
 
 
 def load_teacher(name: str, weights: str | None = None, *, seed: int = 0, short_side: int | None = None,
                  device: str = "cpu", batch_size: int = 8, cache_dir: str | None = None, precision: str = "auto",
-                 revision: str | None = None) -> Teacher:
+                 revision: str | None = None, interpolation: str | None = None) -> Teacher:
     """Load teacher ``name`` from ``weights`` (a ``save_pretrained`` folder or an fsspec URL of one), or
     build the tiny random one (:func:`build_tiny`, from ``seed``) when ``weights`` is ``None``.
 
     Loading uses ``from_pretrained(path, local_files_only=True)``; the image processor comes from the
     folder's ``preprocessor_config.json`` when present, else the class defaults. ``short_side``: input
-    short side in pixels (``None``: the registry default); ``precision``: see :func:`autocast_dtype`;
-    ``revision``: the expected ``sha256:<hex>`` revision (``None``: any), checked before the model loads.
+    short side in pixels (``None``: the native size its image processor declares, see :func:`native_input`);
+    ``interpolation``: ``None``/``"auto"`` = the processor's ``resample``, or ``"bilinear"``/``"bicubic"``;
+    ``precision``: see :func:`resolve_precision`; ``revision``: the expected ``sha256:<hex>`` revision
+    (``None``: any), checked before the model loads.
 
     Raises:
         KeyError: unknown ``name``. FileNotFoundError: missing folder/weights. ValueError: the folder holds
-        another architecture, the revision differs from ``revision`` (both named), or unknown ``precision``.
+        another architecture, the revision differs from ``revision`` (both named), or an unknown ``precision``
+        or ``interpolation``.
     """
     spec = get_spec(name)
     if weights is None:
         teacher = build_tiny(name, seed, short_side=short_side, device=device, batch_size=batch_size,
-                             precision=precision)
+                             precision=precision, interpolation=interpolation)
         check_revision(name, teacher.source, revision, teacher.revision)
         return teacher
 
@@ -768,4 +937,127 @@ def load_teacher(name: str, weights: str | None = None, *, seed: int = 0, short_
     model.eval()
     return _make(spec, model, processor, revision=actual,
                  random_init=bool(getattr(model.config, "polymae_random_init", False)), source=weights,
-                 short_side=short_side, device=device, batch_size=batch_size, precision=precision, **extra)
+                 short_side=short_side, device=device, batch_size=batch_size, precision=precision,
+                 interpolation=interpolation, **extra)
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+FINGERPRINT_NAME = "fingerprint.json"  # {output}/{split}/fingerprint.json, beside config.yaml
+# The keys of a teacher's metadata that change its labels (device, source URL, batch size do not).
+TEACHER_LABEL_KEYS = ("name", "task", "architecture", "revision", "random_init", "short_side", "multiple", "square",
+                      "max_aspect", "interpolation", "precision", "kind", "label_set", "num_classes")
+_UNSET = "<unset>"
+
+
+class FingerprintMismatch(ValueError):
+    """A split's shards were labelled with other label-affecting settings than this run's."""
+
+
+def _digest(obj: Any) -> str:
+    """``sha256:<hex>`` of the canonical JSON of ``obj`` (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def teacher_label_settings(meta: dict) -> dict:
+    """The label-affecting part of a teacher's metadata (:meth:`Teacher.metadata`): the keys of
+    :data:`TEACHER_LABEL_KEYS` present in ``meta``."""
+    return {k: meta[k] for k in TEACHER_LABEL_KEYS if k in meta}
+
+
+def teacher_fingerprint(meta: dict) -> str:
+    """``sha256:<hex>`` of :func:`teacher_label_settings` of a teacher's metadata."""
+    return _digest(teacher_label_settings(meta))
+
+
+def label_fingerprint(policy: dict, teachers: dict[str, dict] | None = None) -> dict:
+    """The fingerprint of every label-affecting setting of a label run, in one place.
+
+    Args:
+        policy: the job's label-affecting config (``LabelConfig.label_policy()``: each teacher's name,
+            weights revision it expects, input size override, interpolation and precision as configured,
+            and the output policy), JSON-able.
+        teachers: ``{slot: Teacher.metadata()}`` of the loaded teachers (revision = weights hash, resolved
+            input size, multiple, interpolation and precision, depth kind / label set); ``None`` before they
+            are loaded: the fingerprint then has only the ``config`` part.
+    Returns:
+        ``{"sha256": "sha256:<hex>", "settings": {"config": policy, "teachers": {slot: settings}}}``
+        (``teachers`` only when given), as it reads back from JSON.
+    """
+    settings: dict[str, Any] = {"config": policy}
+    if teachers is not None:
+        settings["teachers"] = {slot: teacher_label_settings(m) for slot, m in sorted(teachers.items())}
+    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return {"sha256": _digest(settings), "settings": settings}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": leaf}`` of nested dicts (lists are leaves)."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """The settings that differ between two fingerprints (:func:`label_fingerprint`), as
+    ``"teachers.depth.precision: 'bf16_full' -> 'fp32'"``, compared over the parts (``config``,
+    ``teachers``) that both have; ``[]`` when they agree."""
+    parts = sorted(set(old.get("settings", {})) & set(new.get("settings", {})))
+    a = _flatten({p: old["settings"][p] for p in parts})
+    b = _flatten({p: new["settings"][p] for p in parts})
+    return [f"{k}: {a.get(k, _UNSET)!r} -> {b.get(k, _UNSET)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, _UNSET) != b.get(k, _UNSET)]
+
+
+def check_fingerprint(url: str, fingerprint: dict, *, finished: int, pending: int, replace: bool = False) -> dict:
+    """Compare a run's label fingerprint with the one stored for its split at ``url``, and record it.
+
+    * ``replace`` (``mode=overwrite``, after the split was cleared): ``fingerprint`` is written.
+    * A fingerprint is stored: the parts both have must agree, else :class:`FingerprintMismatch` naming every
+      changed setting; parts only ``fingerprint`` has are added (the ``teachers`` part once they loaded).
+    * None is stored: it is written when no shard is finished. Finished shards without one were labelled by
+      a polymae that kept none, with settings unknown: labelling ``pending`` shards next to them would mix
+      labels silently, so that is a :class:`FingerprintMismatch`; with nothing pending nothing is written.
+
+    Args:
+        url: the split's ``fingerprint.json`` (:data:`FINGERPRINT_NAME`), any fsspec URL.
+        fingerprint: :func:`label_fingerprint` of this run.
+        finished: shards of the split with a done marker; pending: shards this run is to label.
+        replace: overwrite whatever is stored.
+    Returns:
+        the fingerprint stored now (``fingerprint`` itself when nothing was stored or written).
+    Raises:
+        FingerprintMismatch: see above; the message names each changed setting and the ways out.
+        OSError: the stored fingerprint cannot be read or written.
+    """
+    from polymae.datasets import storage
+
+    stored = None if replace or not storage.exists(url) else storage.read_json(url)
+    if stored is None:
+        if not replace and finished and pending:
+            raise FingerprintMismatch(
+                f"{url} does not exist, but {finished} shard(s) of this split are finished: they were labelled by "
+                "a polymae that did not record its label settings (teacher input size, interpolation, "
+                f"precision), so labelling {pending} more next to them could mix labels made differently. "
+                "Relabel the split with mode=overwrite, or write to another output/split.")
+        if replace or not finished:
+            storage.write_json_atomic(url, fingerprint)
+        return fingerprint
+    changes = fingerprint_changes(stored, fingerprint)
+    if changes:
+        lines = "\n  ".join(changes)
+        raise FingerprintMismatch(
+            f"this run's label settings differ from those the split at {posixpath.dirname(url)} was labelled "
+            f"with ({stored.get('sha256')} there, {fingerprint['sha256']} now); changed:\n  {lines}\n"
+            "Resume or extend with the same settings, relabel everything with mode=overwrite, or write to another "
+            "output/split.")
+    missing = set(fingerprint["settings"]) - set(stored.get("settings", {}))
+    if not missing:
+        return stored
+    settings = {**stored["settings"], **{p: fingerprint["settings"][p] for p in missing}}
+    merged = {"sha256": _digest(settings), "settings": settings}
+    storage.write_json_atomic(url, merged)
+    return merged

@@ -22,7 +22,7 @@ import numpy as np
 
 from polymae.datasets import shards as S
 from polymae.datasets import storage
-from polymae.datasets.sources import SourceEntry, iter_bytes
+from polymae.datasets.sources import SourceEntry, iter_bytes, read_uri
 from polymae.patches import environment
 from polymae.pipeline.label.config import slot_task
 
@@ -44,9 +44,41 @@ class ShardJob:
     batch_size: int = 16
     read_threads: int = 8
     decode_threads: int = 1
+    max_skip_fraction: float = 0.01
+    read_retries: int = 4
+    read_backoff_s: float = 1.0
+    min_side: int = 1  # images with a shorter side (pixels) skip as too_small
+    max_aspect: float | None = None  # long side / short side above this skips as too_elongated; None = any
 
 
 PREFETCH_BATCHES = 2  # decoded batches waiting for the teacher stage (bounds the worker's memory)
+
+
+class ShardFailed(RuntimeError):
+    """A shard that cannot be labelled as planned; it gets no done marker and its tar is not published.
+
+    Only an image's own problem (corrupt, not an image, too large, ...: ``BadImage``) is a per-image skip;
+    everything else is a failure of the system and fails the whole shard: a source that cannot be read
+    (missing, denied, or a transient error that outlasted the retries), a teacher exception (e.g. a CUDA
+    error), an output write error. ``retryable``: labelling the shard again, on a fresh worker, may succeed
+    (False for :class:`TooManySkips`, whose images would skip again)."""
+
+    retryable = True
+
+
+class SourceReadFailed(ShardFailed):
+    """A source image of the shard could not be read (named in the message)."""
+
+
+class TeacherFailed(ShardFailed):
+    """A teacher raised (or returned the wrong number of maps) on a batch of the shard."""
+
+
+class TooManySkips(ShardFailed):
+    """More of the shard's images were skipped than ``max_skip_fraction`` allows: a sign of a broken source
+    or decoder rather than a few bad files. Not retried."""
+
+    retryable = False
 
 
 def teacher_brief(meta: dict) -> dict:
@@ -56,18 +88,43 @@ def teacher_brief(meta: dict) -> dict:
     return {k: meta[k] for k in keep if k in meta}
 
 
-def _predict_safely(teacher, images: list[np.ndarray], resized: list | None = None) -> list[np.ndarray | Exception]:
-    """Predict a batch; if the batch fails, predict image by image so one bad image costs one sample."""
+def _predict(teacher, slot: str, images: list[np.ndarray], resized: list | None, keys: list[str]) -> list[np.ndarray]:
+    """The teacher's maps of a batch (``images``: uint8 ``[H, W, 3]`` each; ``resized``: their teacher
+    inputs or None), one per image.
+
+    Raises:
+        TeacherFailed: the teacher raised (a CUDA error, out of memory, a bug) or returned another number of
+            maps; naming the slot and the batch's keys. A teacher failure is never a per-image skip: it
+            fails the shard, which is retried on a fresh worker.
+    """
     try:
-        return teacher.predict(images, resized=resized)
-    except Exception:  # noqa: BLE001
-        out: list[np.ndarray | Exception] = []
-        for i, img in enumerate(images):
-            try:
-                out.append(teacher.predict([img], resized=None if resized is None else [resized[i]])[0])
-            except Exception as e:  # noqa: BLE001
-                out.append(e)
-        return out
+        out = teacher.predict(images, resized=resized)
+    except Exception as e:  # noqa: BLE001 - re-raised as the shard's failure
+        raise TeacherFailed(f"teacher {slot} failed on a batch of {len(images)} image(s) ({', '.join(keys[:4])}"
+                            f"{', ...' if len(keys) > 4 else ''}): {type(e).__name__}: {e}") from e
+    if len(out) != len(images):
+        raise TeacherFailed(f"teacher {slot} returned {len(out)} maps for {len(images)} images")
+    return list(out)
+
+
+def _read_again(job: ShardJob, e: SourceEntry, error: BaseException) -> bytes:
+    """The bytes of ``e`` after its first read failed with ``error``: a transient error (timeout, reset
+    connection, HTTP 429/5xx, S3 SlowDown; ``storage.is_transient``) is retried ``job.read_retries`` times
+    with exponential backoff from ``job.read_backoff_s`` seconds.
+
+    Raises:
+        SourceReadFailed: naming the key, the URI and the error, for a non-transient error (a missing file
+            is a failure of the source, never a skip) or when the retries are spent.
+    """
+    try:
+        return storage.retry_transient(lambda: read_uri(e.uri), attempts=job.read_retries + 1,
+                                       backoff_s=job.read_backoff_s, what=f"reading {e.uri}", first_error=error)
+    except Exception as last:  # noqa: BLE001 - re-raised as the shard's failure
+        if storage.is_transient(last):
+            raise SourceReadFailed(f"reading {e.key} ({e.uri}) failed {job.read_retries + 1} times; last error "
+                                   f"{type(last).__name__}: {last}") from last
+        what = "is missing" if isinstance(last, FileNotFoundError) else "cannot be read"
+        raise SourceReadFailed(f"source {e.key} ({e.uri}) {what}: {type(last).__name__}: {last}") from last
 
 
 @dataclass
@@ -85,12 +142,14 @@ class _Decoded:
     resize_s: float = 0.0
 
 
-def _decode_entry(e: SourceEntry, data: bytes, max_pixels: int, teachers: dict[str, Any]) -> _Decoded:
+def _decode_entry(e: SourceEntry, data: bytes, max_pixels: int, teachers: dict[str, Any], min_side: int = 1,
+                  max_aspect: float | None = None) -> _Decoded:
     """The CPU stage of one image (runs in a decode thread): ``load_rgb`` then one resize per distinct
-    teacher input size. A resize that fails is left to ``predict``, which reports it as a teacher error."""
+    teacher input size. Only ``BadImage`` (the image's own problem) becomes a skip; a resize that fails is
+    left to ``predict``, which raises it as the shard's :class:`TeacherFailed`."""
     t0 = time.perf_counter()
     try:
-        rgb, jpeg = S.load_rgb(data, max_pixels=max_pixels)
+        rgb, jpeg = S.load_rgb(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
     except S.BadImage as bad:
         return _Decoded(e, skip=(bad.reason, str(bad)), decode_s=time.perf_counter() - t0)
     t1 = time.perf_counter()
@@ -141,8 +200,6 @@ class _Prefetcher:
         return False
 
     def _feed(self) -> None:
-        from concurrent.futures import Future
-
         job = self.job
         reader = None
         try:
@@ -153,13 +210,12 @@ class _Prefetcher:
                     t0 = time.perf_counter()
                     _, data = next(reader)
                     self.read_s += time.perf_counter() - t0
-                    if isinstance(data, BaseException):
-                        f: Future = Future()
-                        f.set_result(_Decoded(e, skip=("missing" if isinstance(data, FileNotFoundError)
-                                                       else "unreadable", f"{type(data).__name__}: {data}")))
-                        items.append(f)
-                    else:
-                        items.append(self._pool.submit(_decode_entry, e, data, job.max_pixels, self.teachers))
+                    if isinstance(data, BaseException):  # retried when transient, else the shard fails
+                        t0 = time.perf_counter()
+                        data = _read_again(job, e, data)
+                        self.read_s += time.perf_counter() - t0
+                    items.append(self._pool.submit(_decode_entry, e, data, job.max_pixels, self.teachers,
+                                                   job.min_side, job.max_aspect))
                 if not self._put(items):
                     return
             self._put(self._END)
@@ -201,8 +257,16 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
     teachers, e.g. on a GPU, do not wait on JPEG decoding); then every teacher labels the batch
     (``batch_size`` images) and the samples are written in entry order with
     :class:`~polymae.datasets.shards.ShardTarWriter`. The tar is the same for any ``decode_threads``.
-    An input that cannot be read or decoded is a *skip* with a reason (``missing``, ``unreadable``,
-    ``empty``, ``undecodable``, ``too_large``, ``teacher_error``); the shard goes on.
+
+    Failures: only an image's own problem (``BadImage``: ``empty``, ``undecodable``, ``too_large``, and
+    whatever reasons ``load_rgb`` gives) is a counted *skip* and the shard goes on; if more than
+    ``job.max_skip_fraction`` of the shard's images skip, the shard fails (:class:`TooManySkips`). A
+    transient read error is retried (``read_retries``, backoff from ``read_backoff_s``); a source that
+    stays unreadable or is missing, a teacher exception and an output write error fail the shard
+    (:class:`ShardFailed`). A failed shard's tar is discarded and it gets no done marker.
+
+    A shard that already has its done marker (a retry of a shard whose first attempt finished but whose
+    result was lost) is not labelled again: its stats file is read and returned, nothing is written.
 
     The primary teacher of a task writes ``depth.png``/``semseg.png`` and its metadata in the sample
     ``json`` as with one teacher; a further teacher (slot ``{task}.{name}``) writes
@@ -225,9 +289,12 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
         CPU stages keep up), ``teachers``, ``size``/``sha256`` of the tar, ``host``/``pid``/``nice`` of
         the worker, and ``samples`` (a row per entry: key, cls, width, height, skipped, detail).
     Raises:
-        whatever the writer, the reader or ``load_rgb`` raises other than a per-image skip (the tar is
-        then removed, no stats file is written).
+        ShardFailed: :class:`SourceReadFailed`, :class:`TeacherFailed`, :class:`TooManySkips`; and whatever
+        the writer raises (an output write error). The tar is then discarded and no stats file is written.
     """
+    if storage.exists_fresh(job.stats_url):  # the listing cache would hide another attempt's marker
+        log.warning("shard %d already has its done marker %s; not labelling it again", job.index, job.stats_url)
+        return storage.read_json(job.stats_url)
     labeller = _ShardLabeller(job, teachers)
     writer = S.ShardTarWriter(job.url)
     try:
@@ -236,6 +303,7 @@ def label_shard(job: ShardJob, teachers: dict[str, Any]) -> dict:
                 labeller.label_batch(decoded, writer)
         labeller.busy["read"] = prefetch.read_s  # the feeder has stopped
         labeller.wait = prefetch.wait
+        labeller.check_skips()
         with labeller.timed("write"):
             writer.close()
     except BaseException:
@@ -269,9 +337,28 @@ class _ShardLabeller:
         self.busy[stage] += time.perf_counter() - t0
 
     def skip(self, e: SourceEntry, reason: str, detail: str, size: tuple[int, int] | None = None) -> None:
-        """Record entry ``e`` as skipped (``size``: ``(height, width)`` when it decoded)."""
+        """Record entry ``e`` as skipped for its own problem (``reason``: a ``BadImage`` reason; ``size``:
+        ``(height, width)`` when it decoded). Never used for failures of the system (see :func:`label_shard`)."""
         self.rows[e.key] = {"key": e.key, "cls": e.cls, "width": size[1] if size else None,
                             "height": size[0] if size else None, "skipped": reason, "detail": detail[:300]}
+
+    def skipped(self) -> collections.Counter:
+        """``{reason: count}`` of the entries skipped so far."""
+        return collections.Counter(r["skipped"] for r in self.rows.values() if r["skipped"])
+
+    def check_skips(self) -> None:
+        """Fail the shard when its skipped fraction exceeds ``job.max_skip_fraction``.
+
+        Raises:
+            TooManySkips: naming the counts by reason and the first skipped keys with their details.
+        """
+        skipped, n = self.skipped(), len(self.job.entries)
+        if n and sum(skipped.values()) > self.job.max_skip_fraction * n:
+            rows = [r for r in self.rows.values() if r["skipped"]][:3]
+            examples = "; ".join(f"{r['key']}: {r['detail']}" for r in rows)
+            raise TooManySkips(f"shard {self.job.index}: {sum(skipped.values())} of {n} images skipped "
+                               f"({dict(sorted(skipped.items()))}), more than max_skip_fraction="
+                               f"{self.job.max_skip_fraction}; e.g. {examples}")
 
     def label_batch(self, decoded: list[_Decoded], writer: S.ShardTarWriter) -> None:
         """Run every teacher on the batch's decoded images and write their samples in entry order."""
@@ -285,25 +372,28 @@ class _ShardLabeller:
                 good.append(d)
         if not good:
             return
-        images = [g.rgb for g in good]
+        images, keys = [g.rgb for g in good], [g.entry.key for g in good]
         preds: dict[str, list] = {}
         for slot, teacher in self.teachers.items():
             with self.timed(slot):
-                preds[slot] = _predict_safely(teacher, images, [g.resized.get(slot) for g in good])
+                preds[slot] = _predict(teacher, slot, images, [g.resized.get(slot) for g in good], keys)
         for j, g in enumerate(good):
             self.write_sample(g, {slot: p[j] for slot, p in preds.items()}, writer)
 
-    def write_sample(self, g: _Decoded, preds: dict[str, np.ndarray | Exception], writer: S.ShardTarWriter) -> None:
-        """Encode and write one decoded entry with its maps ``preds`` (``{slot: map}``), or skip it when a
-        teacher failed on it (``preds`` holds the exception)."""
+    def write_sample(self, g: _Decoded, preds: dict[str, np.ndarray], writer: S.ShardTarWriter) -> None:
+        """Encode and write one decoded entry with its maps ``preds`` (``{slot: map}``).
+
+        Raises:
+            TeacherFailed: a map cannot be encoded (e.g. NaN depth: the teacher's output is broken).
+            OSError (or the store's error): the write failed.
+        """
         e = g.entry
         h, w = g.rgb.shape[:2]
-        errors = [f"{slot}: {type(p).__name__}: {p}" for slot, p in preds.items() if isinstance(p, Exception)]
-        if errors:
-            self.skip(e, "teacher_error", "; ".join(errors), (h, w))
-            return
         with self.timed("encode"):
-            encoded = self._sample(g, preds).encode()
+            try:
+                encoded = self._sample(g, preds).encode()
+            except ValueError as err:
+                raise TeacherFailed(f"the teachers' maps of {e.key} cannot be encoded: {err}") from err
         with self.timed("write"):
             writer.write(encoded)
         self.rows[e.key] = {"key": e.key, "cls": e.cls, "width": w, "height": h, "skipped": None, "detail": None}
@@ -363,11 +453,12 @@ class _ShardLabeller:
         """The shard's stats dict (see :func:`label_shard`) once ``writer`` is closed."""
         job = self.job
         samples = [self.rows[e.key] for e in job.entries]
-        skipped = collections.Counter(r["skipped"] for r in samples if r["skipped"])
+        skipped = self.skipped()
         return {
             "schema_version": S.SCHEMA_VERSION, "split": job.split, "index": job.index,
             "name": S.shard_name(job.split, job.index), "url": job.url,
             "samples_in": len(job.entries), "written": writer.count, "skipped": dict(sorted(skipped.items())),
+            "max_skip_fraction": job.max_skip_fraction,
             "seconds": round(time.time() - self.t_start, 4),
             "started": round(self.t_start, 6), "finished": round(time.time(), 6),
             "cpu_seconds": round(time.process_time() - self.cpu_start, 4),
@@ -409,8 +500,10 @@ class LabelWorker:
         return {slot: t.metadata() for slot, t in self.teachers.items()}
 
     def label(self, job: ShardJob) -> dict:
-        """:func:`label_shard`; an exception becomes ``{"index", "error"}`` so the driver knows the shard."""
+        """:func:`label_shard`; an exception becomes ``{"index", "error", "traceback", "retryable"}`` so the
+        driver knows the shard and whether labelling it again may help (False for :class:`TooManySkips`)."""
         try:
             return label_shard(job, self.teachers)
-        except Exception as e:  # noqa: BLE001
-            return {"index": job.index, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which retries or fails the run
+            return {"index": job.index, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                    "retryable": getattr(e, "retryable", True), "host": socket.gethostname(), "pid": os.getpid()}

@@ -133,7 +133,8 @@ def test_driver_sigkill_then_rerun_is_exactly_once(tmp_path, photos_dir):
             with tarfile.open(split / n) as tf:
                 tf.getnames()
         else:
-            assert n.endswith(".stats.json") or TEMP_RE.match(n) or n in ("plan.parquet", "config.yaml"), n
+            assert n.endswith(".stats.json") or TEMP_RE.match(n) or n in (
+                "plan.parquet", "config.yaml", "fingerprint.json", ".label-lease.json"), n
     assert set(S.done_shards(str(out), "train")) == done
     assert all(".tmp-" not in u for u in S.trusted_shard_urls(str(out), "train"))
     before = {n: (_sha(split / n), (split / n).stat().st_mtime_ns) for n in names

@@ -65,6 +65,10 @@ def test_teachers_and_a_shorthand_key_together_name_the_key():
     ("teachers=[{name: dpt, revision: abc}]", "teachers[0].revision"),
     ("teachers=[{name: dpt, input_size: 8}]", "teachers[0].input_size"),
     ("teachers=[{name: dpt, precision: fp16}]", "teachers[0].precision"),
+    ("teachers=[{name: dpt, interpolation: lanczos}]", "teachers[0].interpolation"),
+    ("min_side=0", "min_side"),
+    ("max_aspect=0.5", "max_aspect"),
+    ("teacher_short_side=16", "teacher_short_side"),
     ("teachers=[{name: dpt, bogus: 1}]", "teachers[0].bogus"),
     ("teachers=[{weights: /m}]", "teachers[0].name"),
     ("depth_teacher=none,dpt", "depth_teacher"),
@@ -164,3 +168,32 @@ def test_ray_session_restores_the_environment(monkeypatch):
         assert os.environ["RAY_worker_niceness"] == "0"
     assert "RAY_USAGE_STATS_ENABLED" not in os.environ and "RAY_worker_niceness" not in os.environ
     assert os.environ["RAY_AUTH_MODE"] == "mine"
+
+
+def test_native_sizes_by_default_and_the_deprecated_global_override():
+    """No input_size anywhere: each teacher at its processor's native size; teacher_short_side (deprecated) still
+    overrides the teachers without an input_size of their own; interpolation reaches the teacher."""
+    specs = _load(["teachers=[{name: depth_anything, interpolation: bilinear}, {name: segformer}]"]).teacher_specs()
+    depth, semseg = T.load_teacher(**specs["depth"]), T.load_teacher(**specs["semseg"])
+    assert (depth.short_side, depth.interpolation, semseg.short_side, semseg.interpolation) == \
+        (518, "bilinear", 512, "bilinear")
+    old = _load(["teacher_short_side=64", "teachers=[{name: dpt, input_size: 96}, {name: segformer}]"])
+    assert [s["short_side"] for s in old.teacher_specs().values()] == [96, 64]
+    assert old.label_policy()["teachers"]["semseg"] == {"name": "segformer", "revision": None, "input_size": 64,
+                                                         "interpolation": "auto", "precision": "auto"}
+    assert _load().min_side == 32 and _load().max_aspect == 4.0
+
+
+def test_config_yaml_is_never_silently_overwritten(tmp_path):
+    from polymae.pipeline.label.config import save_label_config
+
+    url = str(tmp_path / "config.yaml")
+    first = _load(["batch_size=4"])
+    assert save_label_config(first, url) == url
+    text = (tmp_path / "config.yaml").read_text()
+    assert save_label_config(_load(["batch_size=4", "mode=extend"]), url) == url  # run-only keys: kept as is
+    other = save_label_config(_load(["batch_size=8"]), url)
+    assert other != url and other.startswith(str(tmp_path / "config.")) and other.endswith(".yaml")
+    assert (tmp_path / "config.yaml").read_text() == text and "batch_size: 8" in open(other).read()
+    assert save_label_config(_load(["batch_size=8"]), url, replace=True) == url  # mode=overwrite
+    assert "batch_size: 8" in (tmp_path / "config.yaml").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 
 import fsspec
 import numpy as np
@@ -195,3 +196,121 @@ def test_shutil_copy_of_source_keeps_keys(tmp_path):
     moved = tmp_path / "two"
     shutil.copytree(root, moved)
     assert [e.key for e in src.open_source(str(root))] == [e.key for e in src.open_source(str(moved))]
+
+
+# -------------------------------------------------------------------------------------- decoding
+def _pil_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _tiff(arr: np.ndarray, **kw) -> bytes:
+    tifffile = pytest.importorskip("tifffile")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def _reason(data: bytes, **kw) -> str:
+    with pytest.raises(src.BadImage) as e:
+        src.decode_image(data, **kw)
+    assert e.value.reason in src.SKIP_REASONS
+    return e.value.reason
+
+
+def test_16_bit_images_are_scaled_by_bit_depth(skimage_photo):
+    gray, rgb = skimage_photo("camera"), skimage_photo("astronaut")
+    png16 = _pil_bytes(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")  # full 16-bit range
+    out = src.decode_image(png16)
+    assert out.format == "PNG" and not out.plain_jpeg and out.rgb.shape == (*gray.shape, 3)
+    np.testing.assert_array_equal(out.rgb[..., 0], gray)
+    assert (out.rgb[..., 0] == out.rgb[..., 2]).all()
+    # a dark 16-bit photo stays dark: 200 of 65535 is pixel 1, not 200 (the maximum is no scale)
+    dark = (gray.astype(np.uint32) * 200 // 255).astype(np.uint16)
+    assert dark.max() == 200 and src.decode_image(_pil_bytes(Image.fromarray(dark), "PNG")).rgb.max() == 1
+    assert src.decode_image(_tiff(dark)).rgb.max() == 1  # 16-bit TIFF
+    pgm = b"P5\n%d %d\n65535\n" % (gray.shape[1], gray.shape[0]) + (gray.astype(">u2") * 257).tobytes()
+    np.testing.assert_array_equal(src.decode_image(pgm).rgb[..., 1], gray)  # 16-bit PGM
+    np.testing.assert_array_equal(src.decode_image(_tiff(rgb.astype(np.uint16) * 257, photometric="rgb")).rgb, rgb)
+
+
+def test_float_tiffs_in_unit_range(skimage_photo, monkeypatch):
+    gray, rgb = skimage_photo("camera"), skimage_photo("astronaut")
+    f_gray = _pil_bytes(Image.fromarray(gray.astype(np.float32) / 255), "TIFF")  # Pillow's mode F
+    assert np.abs(src.decode_image(f_gray).rgb[..., 0].astype(int) - gray).max() <= 1
+    for dtype in (np.float16, np.float32, np.float64):  # multi-sample / non-32-bit floats: through tifffile
+        out = src.decode_image(_tiff(rgb.astype(dtype) / 255, photometric="rgb"))
+        assert out.format == "TIFF" and np.abs(out.rgb.astype(int) - rgb).max() <= 1, dtype
+    rgba = np.dstack([rgb / 255, np.zeros(rgb.shape[:2])]).astype(np.float32)  # fully transparent: white
+    assert (src.decode_image(_tiff(rgba, photometric="rgb", extrasamples=["unassalpha"])).rgb == 255).all()
+    assert _reason(_tiff(rgb.astype(np.float32), photometric="rgb")) == "unsupported"  # 0..255 floats: no scale
+    nan = (gray / 255).astype(np.float32)
+    nan[0, 0] = np.nan
+    assert _reason(_pil_bytes(Image.fromarray(nan), "TIFF")) == "undecodable"
+    float_rgb = _tiff(rgb.astype(np.float32) / 255, photometric="rgb")
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # tifffile not installed: a counted skip, never dropped
+    with pytest.raises(src.BadImage, match="tifffile") as e:
+        src.decode_image(float_rgb)
+    assert e.value.reason == "unsupported"
+
+
+def test_size_limits_are_counted_skips(skimage_photo):
+    rgb = skimage_photo("astronaut")  # 512 x 512
+    limits = {"min_side": 32, "max_aspect": 4.0}
+    png = lambda a: _pil_bytes(Image.fromarray(np.ascontiguousarray(a)), "PNG")  # noqa: E731
+    assert _reason(png(rgb[:1, :1]), **limits) == "too_small"  # a 1 x 1 image
+    wide = np.concatenate([rgb[:2]] * 6, axis=1)  # 2 x 3072
+    assert _reason(png(wide), **limits) == "too_small"
+    assert _reason(png(np.concatenate([rgb[:40]] * 2, axis=1)[:, :170]), **limits) == "too_elongated"  # 4.25:1
+    assert src.decode_image(png(rgb[:40, :160]), **limits).rgb.shape == (40, 160, 3)  # exactly 4:1 passes
+    assert src.decode_image(png(rgb[:40, :160].transpose(1, 0, 2)), **limits).rgb.shape == (160, 40, 3)
+    assert _reason(png(rgb), max_pixels=512 * 511) == "too_large"
+    assert src.decode_image(png(rgb[:1, :1])).rgb.shape == (1, 1, 3)  # the function's own defaults: no limits
+    assert _reason(b"") == "empty" and _reason(b"GIF89a-but-not-really") == "undecodable"
+    assert _reason(png(rgb)[:300]) == "undecodable"  # truncated
+
+
+def test_heic_and_avif_decode_where_a_codec_is_installed(skimage_photo, monkeypatch):
+    from PIL import features
+
+    rgb = skimage_photo("chelsea")  # 300 x 451
+    if features.check("avif"):
+        out = src.decode_image(_pil_bytes(Image.fromarray(rgb), "AVIF", quality=90))
+        assert out.format == "AVIF" and out.rgb.shape == rgb.shape
+        assert np.abs(out.rgb.astype(int) - rgb).mean() < 6
+    try:
+        import pillow_heif
+    except ImportError:
+        pillow_heif = None
+    if pillow_heif is not None:
+        buf = io.BytesIO()
+        pillow_heif.from_bytes(mode="RGB", size=(rgb.shape[1], rgb.shape[0]), data=rgb.tobytes()).save(buf, quality=90)
+        heic = buf.getvalue()
+        out = src.decode_image(heic, min_side=32, max_aspect=4.0)
+        assert out.format == "HEIF" and out.rgb.shape == rgb.shape and not out.plain_jpeg
+        assert np.abs(out.rgb.astype(int) - rgb).mean() < 6
+    else:  # no encoder here either: a HEIC file's ISO-BMFF header is what the decoder sees first
+        heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+    assert src.sniff_format(heic) == "heif"
+    # pillow-heif not installed: nor imported, nor registered as a Pillow opener (as imageio may have done)
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
+    with pytest.raises(src.BadImage, match="pillow-heif") as e:
+        src.decode_image(heic)
+    assert e.value.reason == "unsupported"
+    assert src.sniff_format(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf") == "avif"
+    assert src.sniff_format(b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1avif" + bytes(8)) == "avif"
+    assert _reason(b"\xff\x0a" + bytes(100)) == "unsupported"  # a JPEG XL codestream: no decoder, counted
+
+
+def test_heic_and_avif_files_are_listed_in_folders_and_tars(tmp_path):
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    root = tmp_path / "imgs"
+    for name, data in (("a.jpg", _img_bytes()), ("b.HEIC", heic), ("c.avif", _img_bytes("AVIF")), ("d.jxl", b"\xff\x0a")):
+        _write(root / name, data)
+    keys = [e.key for e in src.open_source(str(root))]
+    assert keys == ["a", "b", "c", "d"]  # listed, so a file without a decoder becomes a counted skip
+    _write_tar(tmp_path / "t.tar", [{"__key__": "h", "heic": heic}, {"__key__": "v", "avif": _img_bytes("AVIF")}])
+    entries = src.open_source(str(tmp_path / "t.tar")).entries
+    assert [e.key for e in entries] == ["h", "v"] and src.read_uri(entries[0].uri) == heic

@@ -41,7 +41,10 @@ def test_fit_size():
     h, w = T.fit_size(301, 451, 384, 14)
     assert h % 14 == 0 and w % 14 == 0 and abs(h - 384) <= 7
     assert T.fit_size(301, 451, 384, 32, square=True) == (384, 384)
-    assert T.fit_size(10, 1000, 64, 32) == (64, 256)  # long side capped at 4x the short side
+    # past max_aspect x short_side the long side is capped and the short side shrinks with it: no squashing
+    assert T.fit_size(200, 1000, 64, 16) == (48, 256)
+    assert T.fit_size(600, 1000, 800, 32, max_aspect=1333 / 800) == (800, 1344)  # within longest_edge
+    assert T.fit_size(400, 1000, 800, 32, max_aspect=1333 / 800) == (544, 1344)  # 1333 / 1000 * 400 = 533
     assert T.fit_size(1, 1, 64, 14) == (70, 70)  # tiny images are upscaled
     with pytest.raises(ValueError):
         T.fit_size(0, 10, 64, 32)
@@ -187,3 +190,136 @@ def test_resize_input_ahead_gives_the_same_maps(images, name):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):
         t.resize_input(images[0].astype(np.float32))
+
+
+# --------------------------------------------------------------- native input sizes and interpolation
+def test_native_input_comes_from_the_image_processor(tmp_path):
+    """Without an override each teacher runs at the size and with the resample its image processor declares."""
+    want = {"dpt": (384, 32, "bicubic"), "depth_anything": (518, 14, "bicubic"), "segformer": (512, 32, "bilinear"),
+            "mask2former": (800, 32, "bilinear"), "oneformer": (800, 32, "bilinear")}
+    for name, (side, multiple, interp) in want.items():
+        spec = T.get_spec(name)
+        native = T.native_input(spec, spec.tiny(150)[1])
+        assert (native.short_side, native.multiple, native.interpolation) == (side, multiple, interp), name
+    assert T.native_input(T.get_spec("mask2former"), T.get_spec("mask2former").tiny(150)[1]).max_aspect == 1333 / 800
+    da = T.build_tiny("depth_anything", seed=0)
+    assert (da.short_side, da.interpolation) == (518, "bicubic")
+    assert da.input_size(375, 500) == (518, 686)  # ImageNet-like: short side 518, multiple of 14, aspect kept
+    assert T.build_tiny("dpt", seed=0).input_size(375, 500) == (384, 384)  # the plain-ViT DPT: squares
+    # a checkpoint folder's preprocessor_config.json decides, and the job's overrides win over it
+    t = T.build_tiny("segformer", seed=0)
+    t.processor.size = {"height": 256, "width": 320}
+    t.processor.resample = 3  # PIL bicubic
+    t.save_pretrained(str(tmp_path / "sf"))
+    loaded = T.load_teacher("segformer", str(tmp_path / "sf"))
+    assert (loaded.short_side, loaded.interpolation) == (256, "bicubic")
+    assert loaded.metadata()["native_short_side"] == 256
+    over = T.load_teacher("segformer", str(tmp_path / "sf"), short_side=100, interpolation="bilinear")
+    assert (over.short_side, over.native_short_side, over.interpolation) == (96, 256, "bilinear")
+    with pytest.raises(ValueError, match="interpolation"):
+        T.build_tiny("dpt", interpolation="lanczos")
+
+
+@pytest.mark.parametrize("name", ["dpt", "depth_anything", "segformer"])
+def test_teacher_input_matches_its_image_processor(name, skimage_photo):
+    """On a photograph, the normalised input equals what the teacher's own HF image processor makes at the same
+    size (bicubic for DPT / Depth Anything, bilinear for SegFormer); the other interpolation is visibly off."""
+    photo = skimage_photo("chelsea")  # 300 x 451 RGB
+    t = T.build_tiny(name, seed=0)
+    h, w = t.input_size(*photo.shape[:2])
+    kw = {} if name == "dpt" else {"size": {"height": h, "width": w}, "keep_aspect_ratio": False}
+    if name == "segformer":
+        kw.pop("keep_aspect_ratio")
+    ref = t.processor(images=photo, return_tensors="pt", **kw)["pixel_values"]
+    ours = t._pixel_values([photo], (h, w))
+    assert ours.shape == ref.shape
+    assert float((ours - ref).abs().max()) < 0.05  # normalised units: ~1.5 grey levels out of 255
+    t.interpolation = "bilinear" if t.interpolation == "bicubic" else "bicubic"
+    assert float((t._pixel_values([photo], (h, w)) - ref).abs().max()) > 0.1
+
+
+# ------------------------------------------------------------------------------------------ precision
+def _depth_levels(depth: np.ndarray) -> int:
+    from polymae.datasets import shards as S
+
+    png, _ = S.encode_depth(depth)
+    return len(np.unique(S.decode_png(png)))
+
+
+def test_depth_png_holds_fp32_resolution_on_a_photograph(skimage_photo):
+    """The stored 16-bit depth of a real photograph has >= 10,000 levels when the head runs in fp32 (fp32, and
+    bf16 with its fp32 decoder); a bf16 head (bf16_full) leaves a few hundred, i.e. 8-bit depth."""
+    crop = skimage_photo("astronaut")[:384, 64:448].copy()  # 384 x 384: the map is stored at the input size
+    levels = {}
+    for precision in ("fp32", "bf16", "bf16_full"):
+        t = T.build_tiny("dpt", seed=0, precision=precision)
+        assert t.input_size(384, 384) == (384, 384)
+        depth = t.predict([crop])[0]
+        assert depth.dtype == np.float32 and depth.shape == (384, 384)
+        levels[precision] = _depth_levels(depth)
+    assert levels["fp32"] >= 10_000 and levels["bf16"] >= 10_000, levels
+    assert levels["bf16_full"] < 1_000, levels
+    whole = skimage_photo("astronaut")  # 512 x 512, Depth Anything at its native 518
+    assert _depth_levels(T.build_tiny("depth_anything", seed=0, precision="fp32").predict([whole])[0]) >= 10_000
+
+
+@pytest.mark.parametrize("name", T.names())
+def test_bf16_runs_the_output_modules_in_fp32(name, images):
+    """precision=bf16 autocasts the trunk, but the modules that make the outputs run in float32."""
+    fp32_outputs = {"depth": ("predicted_depth",), "semseg": ("logits", "class_queries_logits", "masks_queries_logits")}
+    for precision, want in (("bf16", torch.float32), ("bf16_full", torch.bfloat16)):
+        t = T.build_tiny(name, seed=0, short_side=64, precision=precision)
+        assert t.precision == precision and t.autocast_dtype is torch.bfloat16
+        x = t._pixel_values(images[2:], t.input_size(64, 64))
+        with torch.inference_mode(), t._autocast():
+            out = t._forward(x)
+        dtypes = {k: getattr(out, k).dtype for k in fp32_outputs[t.task] if getattr(out, k, None) is not None}
+        assert dtypes and set(dtypes.values()) == {want}, (precision, dtypes)
+        assert t.metadata()["output_dtype"] == ("float32" if want is torch.float32 else "bfloat16")
+    auto = T.build_tiny(name, seed=0, short_side=64)
+    assert auto.precision == "fp32" and auto.autocast_dtype is None  # auto on CPU
+
+
+# ---------------------------------------------------------------------------------------- fingerprint
+def test_teacher_metadata_fingerprints_every_label_setting():
+    base = T.build_tiny("segformer", seed=0, short_side=64).metadata()
+    assert base["fingerprint"] == T.teacher_fingerprint(base) and base["fingerprint"].startswith("sha256:")
+    for kw in ({"short_side": 96}, {"precision": "bf16"}, {"interpolation": "bicubic"}):
+        assert T.build_tiny("segformer", seed=0, **{"short_side": 64, **kw}).metadata()["fingerprint"] \
+            != base["fingerprint"], kw
+    assert T.build_tiny("segformer", seed=1, short_side=64).metadata()["fingerprint"] != base["fingerprint"]
+    # device and batch size do not change labels
+    assert T.build_tiny("segformer", seed=0, short_side=64, batch_size=3).metadata()["fingerprint"] == base["fingerprint"]
+
+
+def test_check_fingerprint_records_and_refuses_changes(tmp_path):
+    from polymae.datasets import storage
+
+    url = str(tmp_path / "train" / T.FINGERPRINT_NAME)
+    policy = {"teachers": {"depth": {"name": "dpt", "input_size": None, "precision": "auto", "interpolation": "auto",
+                                     "revision": None}}}
+    meta = {"depth": T.build_tiny("dpt", seed=0, short_side=64).metadata()}
+    first = T.label_fingerprint(policy)
+    assert T.check_fingerprint(url, first, finished=0, pending=2) == first and storage.read_json(url) == first
+    # the teachers part is added once they have loaded; the same settings then pass
+    full = T.check_fingerprint(url, T.label_fingerprint(policy, meta), finished=0, pending=2)
+    assert set(full["settings"]) == {"config", "teachers"} and storage.read_json(url) == full
+    assert T.check_fingerprint(url, T.label_fingerprint(policy, meta), finished=1, pending=1) == full
+    # a changed config setting is refused before anything loads, naming it
+    changed = {"teachers": {"depth": {**policy["teachers"]["depth"], "precision": "bf16_full"}}}
+    with pytest.raises(T.FingerprintMismatch, match=r"config\.teachers\.depth\.precision: 'auto' -> 'bf16_full'"):
+        T.check_fingerprint(url, T.label_fingerprint(changed), finished=1, pending=1)
+    # other weights (revision) or another input size show up in the teachers part
+    other = {"depth": T.build_tiny("dpt", seed=5, short_side=96).metadata()}
+    with pytest.raises(T.FingerprintMismatch) as e:
+        T.check_fingerprint(url, T.label_fingerprint(policy, other), finished=1, pending=1)
+    assert "teachers.depth.revision" in str(e.value) and "teachers.depth.short_side: 64 -> 96" in str(e.value)
+    assert storage.read_json(url) == full  # a refused run changes nothing
+    # mode=overwrite replaces it
+    assert T.check_fingerprint(url, T.label_fingerprint(changed), finished=0, pending=2, replace=True) \
+        == storage.read_json(url) == T.label_fingerprint(changed)
+    # finished shards without any fingerprint (an older polymae): refusing beats mixing labels
+    legacy = str(tmp_path / "old" / T.FINGERPRINT_NAME)
+    with pytest.raises(T.FingerprintMismatch, match="mode=overwrite"):
+        T.check_fingerprint(legacy, first, finished=3, pending=1)
+    assert T.check_fingerprint(legacy, first, finished=3, pending=0) == first and not storage.exists(legacy)
