@@ -9,6 +9,8 @@
   ``output_adapters.rgb.*``). polymae names its modules like the reference, so the mapping is the
   identity on names; it unwraps ``{"model": ...}`` / ``module.`` prefixes and checks that every key
   belongs to the layout.
+* :func:`from_official` -- a model built and loaded from an official MultiMAE or MAE state dict alone: its
+  architecture is read off the tensors' names and shapes (:func:`infer_official_config`).
 * :func:`import_mae_checkpoint` / :func:`export_mae_checkpoint` -- facebookresearch/mae layout
   (``patch_embed.proj``, ``cls_token``, ``pos_embed [1, 1+N, D]``, ``blocks``, ``norm``,
   ``decoder_embed``, ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``,
@@ -27,7 +29,7 @@ import torch.nn as nn
 from .vit import VIT_PRESETS
 
 __all__ = ["encoder_to_timm", "import_multimae_checkpoint", "export_multimae_checkpoint",
-           "import_mae_checkpoint", "export_mae_checkpoint"]
+           "import_mae_checkpoint", "export_mae_checkpoint", "infer_official_config", "from_official"]
 
 _TIMM_SIZE = {"tiny": "tiny", "small": "small", "base": "base", "large": "large", "huge": "huge", "huge14": "huge"}
 
@@ -275,3 +277,97 @@ def export_mae_checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             raise ValueError(f"no MAE equivalent for {k!r}")
     return out
+
+
+def _count(sd: Mapping[str, Any], prefix: str) -> int:
+    """How many numbered sub-modules ``{prefix}<i>.`` the state dict holds."""
+    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def _heads(dim: int, depth: int, patch: int) -> int:
+    """Attention heads of a ``dim``-wide encoder: the ViT preset's (ViT-H: 16 heads of 80), else 64-d heads.
+    Head counts are not visible in the weights (``qkv`` is ``[3D, D]`` whatever the split)."""
+    for cfg in VIT_PRESETS.values():
+        if (cfg["dim"], cfg["depth"]) == (dim, depth):
+            return int(cfg["num_heads"])
+    return max(1, dim // 64)
+
+
+def infer_official_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``MultiMAEConfig`` fields (``init_kwargs``) of an official checkpoint, read off its tensors.
+
+    MultiMAE layout (``input_adapters``/``output_adapters``): modalities from the adapters, ``dim`` and global
+    tokens from ``global_tokens [1, G, D]``, ``patch_size`` and image size from the RGB adapter's ``proj
+    [D, 3, p, p]`` and ``pos_emb [1, D, h, w]``, ``depth`` from ``encoder.<i>``, ``mlp_ratio`` from ``fc1``,
+    semseg classes from ``class_emb [K, C]``, decoder width/depth from ``proj_context`` and
+    ``decoder_transformer.<i>``, the ``extra_norm_pix_loss`` adapter from ``output_adapters.norm_rgb``. MAE
+    layout (``patch_embed``, ``blocks``): the same from ``patch_embed.proj``, ``pos_embed [1, 1 + N, D]`` (a
+    square grid), ``blocks.<i>``, ``decoder_embed [Dd, D]`` and ``decoder_blocks.<i>``. Head counts are not
+    in the weights: the ViT presets' (encoder) and the papers' defaults (decoders: MultiMAE 8, MAE 16).
+
+    Raises:
+        ValueError: neither layout is recognised.
+    """
+    sd = _unwrap(state_dict)
+    if "patch_embed.proj.weight" in sd:
+        w = sd["patch_embed.proj.weight"]
+        dim, patch = int(w.shape[0]), int(w.shape[-1])
+        n = int(sd["pos_embed"].shape[1]) - 1 if "pos_embed" in sd else (224 // patch) ** 2
+        depth = _count(sd, "blocks.")
+        out: dict[str, Any] = {"arch": "mae", "dim": dim, "patch_size": patch, "depth": depth,
+                               "num_heads": _heads(dim, depth, patch), "img_size": math.isqrt(n) * patch,
+                               "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                               "qkv_bias": "blocks.0.attn.qkv.bias" in sd, "encoder_norm": "norm.weight" in sd}
+        if "decoder_embed.weight" in sd:
+            out.update(decoder_dim=int(sd["decoder_embed.weight"].shape[0]),
+                       decoder_depth=_count(sd, "decoder_blocks."), decoder_heads=16)
+        return out
+    if "global_tokens" not in sd or "input_adapters.rgb.proj.weight" not in sd:
+        raise ValueError("not an official MultiMAE (global_tokens, input_adapters) or MAE (patch_embed) state dict")
+    g = sd["global_tokens"]
+    dim, patch = int(g.shape[-1]), int(sd["input_adapters.rgb.proj.weight"].shape[-1])
+    depth = _count(sd, "encoder.")
+    ins = sorted({k.split(".")[1] for k in sd if k.startswith("input_adapters.")}, key=["rgb", "depth", "semseg"].index)
+    outs = [m for m in ("rgb", "depth", "semseg") if any(k.startswith(f"output_adapters.{m}.") for k in sd)]
+    pos = sd.get("input_adapters.rgb.pos_emb")
+    out = {"arch": "multimae", "dim": dim, "patch_size": patch, "depth": depth, "num_heads": _heads(dim, depth, patch),
+           "num_global_tokens": int(g.shape[1]), "mlp_ratio": sd["encoder.0.mlp.fc1.weight"].shape[0] / dim,
+           "qkv_bias": "encoder.0.attn.qkv.bias" in sd, "encoder_norm": "encoder_norm.weight" in sd,
+           "in_modalities": tuple(ins), "out_modalities": tuple(outs),
+           "modality_embed": any(k.endswith(".modality_emb") for k in sd),
+           "extra_norm_pix_loss": any(k.startswith("output_adapters.norm_rgb.") for k in sd)}
+    if pos is not None:
+        out["img_size"] = (int(pos.shape[2]) * patch, int(pos.shape[3]) * patch)
+    if "input_adapters.semseg.class_emb.weight" in sd:
+        k, c = sd["input_adapters.semseg.class_emb.weight"].shape
+        out.update(semseg_num_classes=int(k), semseg_class_dim=int(c))
+    if outs:
+        first = outs[0]
+        out.update(decoder_dim=int(sd[f"output_adapters.{first}.proj_context.weight"].shape[0]),
+                   decoder_depth=_count(sd, f"output_adapters.{first}.decoder_transformer."), decoder_heads=8,
+                   decoder_use_task_queries=any(".task_embeddings." in k for k in sd))
+    return out
+
+
+def from_official(state_dict: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model an official MultiMAE or MAE state dict describes (:func:`infer_official_config`), load its
+    weights through :func:`import_multimae_checkpoint` / :func:`import_mae_checkpoint` (strictly, except that
+    an encoder-only MAE checkpoint leaves the decoder at its initialisation), and return ``(model in eval mode,
+    init_kwargs)``.
+
+    Raises:
+        ValueError: an unrecognised layout, or weights that do not fit the inferred architecture.
+    """
+    from .multimae import build_from_init_kwargs
+
+    kwargs = infer_official_config(state_dict)
+    model = build_from_init_kwargs(kwargs)
+    if kwargs["arch"] == "mae":
+        sd = import_mae_checkpoint(state_dict, strict=False)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or any(not k.startswith("output_adapters.") for k in missing):
+            raise ValueError(f"MAE weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    else:
+        model.load_state_dict(import_multimae_checkpoint(state_dict), strict=True)
+    return model.eval(), dict(model.init_kwargs)

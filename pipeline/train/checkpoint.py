@@ -478,8 +478,57 @@ def consolidate(run_dir: str, tag: str | None = None) -> tuple[dict[str, torch.T
     return sd, tag
 
 
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def read_state_dict(url: str) -> dict:
+    """A checkpoint file's state dict, without unpickling untrusted objects: ``.safetensors`` with safetensors,
+    ``.pth``/``.pt`` with ``torch.load(weights_only=True)`` (``argparse.Namespace``, which the official MultiMAE
+    and MAE checkpoints carry as ``args``, allowed). Any fsspec URL (remote files are copied to a temporary
+    folder first).
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: another suffix than :data:`OFFICIAL_SUFFIXES`.
+    """
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from polymae.datasets import storage
+
+    if not url.endswith(OFFICIAL_SUFFIXES):
+        raise ValueError(f"{url}: a checkpoint file ends with one of {OFFICIAL_SUFFIXES}")
+    if not storage.exists(url):
+        raise FileNotFoundError(url)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = url
+        if not storage.is_local(url):
+            local = os.path.join(tmp, os.path.basename(url))
+            storage.copy_atomic(url, local)
+        if local.endswith(".safetensors"):
+            return load_file(local)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(local, map_location="cpu", weights_only=True)
+
+
+def from_official(url: str) -> tuple[torch.nn.Module, dict]:
+    """The model of an official MultiMAE or MAE checkpoint file (or one in their key layouts), its architecture
+    inferred from the checkpoint itself (``models.interop.from_official``). Returns ``(model in eval mode on CPU,
+    model_config dict {"name", "init_kwargs", "source"})``.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_state_dict`; ValueError: an unrecognised layout.
+    """
+    from polymae.models.interop import from_official as build
+
+    model, kwargs = build(read_state_dict(url))
+    log.info("loaded official %s checkpoint %s (%d blocks, %d-d)", kwargs["arch"], url, kwargs["depth"], kwargs["dim"])
+    return model, {"name": f"{kwargs['arch']}_official", "init_kwargs": kwargs, "source": url}
+
+
 def load_model(source: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model from a run folder or a released folder and load its weights strictly.
+    """Rebuild the model from a run folder, a released folder or an official checkpoint file (``.pth``, ``.pt``,
+    ``.safetensors``: :func:`from_official`) and load its weights strictly.
 
     Returns:
         ``(model in eval mode on CPU, model_config dict)``.
@@ -491,6 +540,8 @@ def load_model(source: str) -> tuple[torch.nn.Module, dict]:
     from polymae.models.multitask import build_from_model_config
     from polymae.datasets import storage
 
+    if source.endswith(OFFICIAL_SUFFIXES):
+        return from_official(source)
     mc = read_model_config(source)
     model = build_from_model_config(mc)  # a MultiMAE/MAE, or encoder + task heads (polymae multitask)
     released = f"{source.rstrip('/')}/{MODEL_FILE}"
