@@ -72,3 +72,24 @@ def run_job(config_cls: type, fn: Callable[[Any], Any], argv: Sequence[str] | No
     cfg, _ = parse_config(config_cls, argv, prog, doc, flag_map, extra)
     fn(cfg)
     return 0
+
+
+def run_training_job(config_cls: type, trainer_cls: type, argv: Sequence[str] | None, prog: str, doc: str) -> int:
+    """Entry point of a training job (``pretrain``, ``multitask``): parse the config (``--resume`` = ``resume=true``),
+    run ``trainer_cls(cfg).train()`` on this rank. Returns the exit status: 2 on a config error,
+    ``PREEMPTED_EXIT_CODE`` (75) when the trainer stopped early on the preemption signal (``trainer.preempted``),
+    else 0."""
+    from polymae.pipeline.train.trainer import PREEMPTED_EXIT_CODE
+
+    preempted = []
+
+    def train(cfg: Any) -> dict:
+        trainer = trainer_cls(cfg)
+        out = trainer.train()
+        preempted.append(trainer.preempted)
+        return out
+
+    status = run_job(config_cls, train, argv, prog=prog, doc=doc, flag_map={"resume": "resume"},
+                     extra=lambda p: p.add_argument("--resume", action="store_true", default=None,
+                                                    help="continue from the newest checkpoint (same as resume=true)"))
+    return PREEMPTED_EXIT_CODE if status == 0 and any(preempted) else status

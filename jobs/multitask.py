@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from polymae.jobs.common import run_job
+from polymae.jobs.common import run_training_job
 from polymae.pipeline.train.multitask import MultitaskTrainer
 from polymae.pipeline.train.multitask_config import MultitaskConfig
-from polymae.pipeline.train.trainer import PREEMPTED_EXIT_CODE
 
 DOC = __doc__
 
@@ -28,18 +27,7 @@ def run(cfg: MultitaskConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``polymae multitask``; returns the exit status (2 on a config error, ``PREEMPTED_EXIT_CODE``
     when stopped early by the preemption signal)."""
-    preempted = []
-
-    def train(cfg: MultitaskConfig) -> dict:
-        trainer = MultitaskTrainer(cfg)
-        out = trainer.train()
-        preempted.append(trainer.preempted)
-        return out
-
-    status = run_job(MultitaskConfig, train, argv, prog="polymae multitask", doc=DOC, flag_map={"resume": "resume"},
-                     extra=lambda p: p.add_argument("--resume", action="store_true", default=None,
-                                                    help="continue from the newest checkpoint (same as resume=true)"))
-    return PREEMPTED_EXIT_CODE if status == 0 and any(preempted) else status
+    return run_training_job(MultitaskConfig, MultitaskTrainer, argv, prog="polymae multitask", doc=DOC)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from polymae.jobs.common import run_job
+from polymae.jobs.common import run_training_job
 from polymae.pipeline.train.config import PretrainConfig
-from polymae.pipeline.train.trainer import PREEMPTED_EXIT_CODE, Trainer
+from polymae.pipeline.train.trainer import Trainer
 
 DOC = __doc__
 
@@ -29,19 +29,7 @@ def run(cfg: PretrainConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``polymae pretrain``; returns the exit status (2 on a config error, ``PREEMPTED_EXIT_CODE``
     when stopped early by the preemption signal)."""
-    preempted = []
-
-    def train(cfg: PretrainConfig) -> dict:
-        trainer = Trainer(cfg)
-        out = trainer.train()
-        preempted.append(trainer.preempted)
-        return out
-
-    status = run_job(PretrainConfig, train, argv, prog="polymae pretrain", doc=DOC,
-                     flag_map={"resume": "resume"},
-                     extra=lambda p: p.add_argument("--resume", action="store_true", default=None,
-                                                    help="continue from the newest checkpoint (same as resume=true)"))
-    return PREEMPTED_EXIT_CODE if status == 0 and any(preempted) else status
+    return run_training_job(PretrainConfig, Trainer, argv, prog="polymae pretrain", doc=DOC)
 
 
 if __name__ == "__main__":
