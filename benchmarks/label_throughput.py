@@ -1,6 +1,15 @@
 """Label throughput: the Ray runner (``run_label``, embedded Ray, 1 and 2 workers of 1 CPU) against a plain
 Python loop doing the same work with the same teachers, in one process run.
 
+Images: ``--sizes imagenet`` (default) cycles through 16 ImageNet-like sizes (landscape 4:3, 3:2, 5:4 and
+portrait ones, ~500 px), ``--sizes fixed`` uses ``--width x --height``. Teachers: ``--teacher realistic``
+(default) is a random-weight DPT of ViT-Tiny width (192, 6 layers) + SegFormer, saved with save_pretrained
+and loaded as weights, so one forward costs tens of ms per image on a CPU core; ``--teacher tiny`` uses the
+registry's tiny ones (the pipeline's own overhead). The plain loop batches images in entry order (what a
+bare loop does); the runner buckets them by aspect ratio (full batches), decodes ahead and encodes/writes
+on its own threads. Printed per Ray variant: the fraction of the shards' time the teacher thread waited for
+decoded images (``teacher_wait_seconds / seconds``) and the teacher forward passes (batches).
+
 Same work in every variant: read the JPEG bytes, decode (``load_rgb``), tiny random DPT + SegFormer at
 ``teacher_short_side`` in batches of ``batch_size`` within shards of ``samples_per_shard``, encode the
 sample (``LabelledSample.encode``) and write the shard tar (``ShardTarWriter``). Torch uses one thread
@@ -71,6 +80,46 @@ def write_images(folder: Path, n: int, width: int, height: int) -> list[Path]:
     return paths
 
 
+# (height, width) of ImageNet-like images: landscape 4:3, 3:2, 5:4, portrait
+IMAGENET_LIKE = [(375, 500), (333, 500), (334, 500), (400, 500), (357, 500), (480, 640), (366, 500), (300, 400),
+                 (310, 460), (353, 500), (336, 448), (500, 375), (500, 333), (500, 400), (640, 480), (500, 366)]
+
+
+def write_mixed_images(folder: Path, n: int, sizes: list[tuple[int, int]]) -> list[Path]:
+    """``n`` JPEGs cycling through ``sizes`` (``(height, width)`` pixels), cut from the photographs as in
+    :func:`write_images`; returns their paths in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for j, (h, w) in enumerate(sizes):
+        count = len(range(j, n, len(sizes)))
+        if not count:
+            continue
+        made = write_images(folder / f"s{j}", count, w, h)
+        for k, p in enumerate(made):
+            dest = folder / f"img{j + k * len(sizes):04d}.jpg"
+            p.rename(dest)
+            paths.append(dest)
+        (folder / f"s{j}").rmdir()
+    return sorted(paths)
+
+
+def realistic_dpt(folder: Path) -> str:
+    """Save a random-weight DPT of ViT-Tiny width (hidden 192, 6 layers, 3 heads) with its image processor
+    to ``folder`` (``save_pretrained``), the realistic-cost depth teacher; returns the folder."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from polymae.patches import global_torch_seed
+
+    cfg = DPTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                    image_size=384, patch_size=16, backbone_out_indices=[1, 3, 4, 5],
+                    neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64)
+    with global_torch_seed(0):
+        model = DPTForDepthEstimation(cfg).eval()
+    model.save_pretrained(folder)
+    DPTImageProcessor(size={"height": 384, "width": 384}, ensure_multiple_of=32).save_pretrained(folder)
+    return str(folder)
+
+
 def plain_loop(paths: list[Path], out: Path, cfg) -> dict:
     """Label ``paths`` in this process with a plain loop (no Ray, no threads); returns timings."""
     import torch
@@ -87,7 +136,7 @@ def plain_loop(paths: list[Path], out: Path, cfg) -> dict:
     briefs = {slot: teacher_brief(m) for slot, m in metas.items()}
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    n = 0
+    n = batches = 0
     for shard, s0 in enumerate(range(0, len(paths), cfg.samples_per_shard)):
         writer = S.ShardTarWriter(str(out / S.shard_name("train", shard)))
         chunk = paths[s0:s0 + cfg.samples_per_shard]
@@ -96,6 +145,7 @@ def plain_loop(paths: list[Path], out: Path, cfg) -> dict:
             decoded = [(p, *S.load_rgb(p.read_bytes())) for p in batch]
             images = [d[1] for d in decoded]
             preds = {task: t.predict(images) for task, t in teachers.items()}
+            batches += len({teachers["semseg"].input_size(*im.shape[:2]) for im in images})
             for j, (p, rgb, jpeg) in enumerate(decoded):
                 sample = S.LabelledSample(key=p.stem, rgb_jpeg=jpeg, depth=preds["depth"][j],
                                           semseg=preds["semseg"][j], num_classes=metas["semseg"]["num_classes"],
@@ -105,7 +155,7 @@ def plain_loop(paths: list[Path], out: Path, cfg) -> dict:
                 n += 1
         writer.close()
     return {"images": n, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "load_seconds": load_s}
+            "load_seconds": load_s, "batches": batches}
 
 
 def ray_run(src: Path, out: Path, cfg, workers: int) -> dict:
@@ -119,6 +169,8 @@ def ray_run(src: Path, out: Path, cfg, workers: int) -> dict:
     stats = [json.loads(p.read_text()) for p in sorted((out / "train").glob("*.stats.json"))]
     window = max(s["finished"] for s in stats) - min(s["started"] for s in stats)
     return {"images": summary["run"]["samples_in"], "seconds": window, "load_seconds": summary["teacher_load_seconds"],
+            "teacher_wait_fraction": sum(s["teacher_wait_seconds"] for s in stats) / sum(s["seconds"] for s in stats),
+            "teacher_batches": sum(len(s["teacher_batches"]) for s in stats),
             "cpu_seconds": sum(s["cpu_seconds"] for s in stats),
             "driver_seconds": summary["label_seconds"], "stages": summary["stages"], "workers": summary["workers"]}
 
@@ -142,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--sizes", choices=("imagenet", "fixed"), default="imagenet")
+    ap.add_argument("--teacher", choices=("realistic", "tiny"), default="realistic")
     args = ap.parse_args(argv)
     from polymae.patches import environment
     from polymae.pipeline.label.config import LabelConfig, TeacherConfig
@@ -156,13 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     src = work / "images"
     if src.exists():
         shutil.rmtree(src)
-    paths = write_images(src, args.images, args.width, args.height)
+    sizes = IMAGENET_LIKE if args.sizes == "imagenet" else [(args.height, args.width)]
+    paths = write_mixed_images(src, args.images, sizes)
+    depth_weights = realistic_dpt(work / "dpt-vit-tiny") if args.teacher == "realistic" else None
     cfg = LabelConfig(input=str(src), samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
-                      teachers=[TeacherConfig("dpt"), TeacherConfig("segformer")],
+                      teachers=[TeacherConfig("dpt", weights=depth_weights), TeacherConfig("segformer")],
                       teacher_short_side=args.teacher_short_side, cpus_per_worker=1, progress=False, read_threads=4)
-    print(f"{len(paths)} images of {args.width}x{args.height}, teacher_short_side={args.teacher_short_side}, "
+    print(f"{len(paths)} images of {len(sizes)} size(s) ({args.sizes}), teacher {args.teacher}, teacher_short_side={args.teacher_short_side}, "
           f"batch_size={args.batch_size}, samples_per_shard={args.samples_per_shard}, teachers dpt + segformer "
-          f"(tiny, random); python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "
+          f"({args.teacher}, random weights); python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "
           f"transformers {transformers.__version__}; {os.cpu_count()} CPUs", flush=True)
 
     rows, load = {}, {}
@@ -204,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                >= TARGET_PER_WORKER and speedup >= TARGET_SPEEDUP)
     print(f"targets {'met' if verdict else 'MISSED'}")
     for name, (w, r) in rows.items():
+        if "teacher_wait_fraction" in r:
+            print(f"{name}: teacher waited {100 * r['teacher_wait_fraction']:.1f} % of the shards' time for decoded "
+                  f"images; {r['teacher_batches']} teacher batches (plain loop: {rows['plain loop'][1]['batches']} SegFormer "
+                  f"forward calls per teacher)")
         if "stages" in r:
             print(f"{name} stage busy seconds (all workers): "
                   + ", ".join(f"{k} {v['busy_seconds']:.1f}" for k, v in r["stages"].items()))

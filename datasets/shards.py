@@ -266,9 +266,46 @@ def load_rgb(data: bytes, max_pixels: int = 178_956_970, min_side: int = 1,
     img = decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
     if img.plain_jpeg:
         return img.rgb, data
+    return img.rgb, encode_rgb(img.rgb)
+
+
+def encode_rgb(rgb: np.ndarray) -> bytes:
+    """``rgb.jpg`` bytes of uint8 ``[H, W, 3]`` pixels, JPEG at :data:`JPEG_QUALITY`."""
     buf = io.BytesIO()
-    Image.fromarray(img.rgb).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return img.rgb, buf.getvalue()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def output_size(height: int, width: int, short_side: int | None = None, max_side: int | None = None
+                ) -> tuple[int, int]:
+    """The stored ``(height, width)`` in pixels of a ``height x width`` source under the label job's output
+    policy: shrunk (aspect kept) so that the short side is at most ``short_side`` and the long side at most
+    ``max_side``; never enlarged; ``None`` = no limit. Sides are rounded, at least 1.
+
+    Raises:
+        ValueError: non-positive sizes or limits.
+    """
+    if height <= 0 or width <= 0 or (short_side is not None and short_side <= 0) or (max_side is not None
+                                                                                      and max_side <= 0):
+        raise ValueError(f"sizes must be positive: {height}x{width}, short_side={short_side}, max_side={max_side}")
+    scale = 1.0
+    if short_side is not None:
+        scale = min(scale, short_side / min(height, width))
+    if max_side is not None:
+        scale = min(scale, max_side / max(height, width))
+    if scale >= 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[h, w, 3]``: ``rgb`` (uint8 ``[H, W, 3]``) resized to ``size = (h, w)`` pixels with Pillow's
+    bicubic filter, antialiased when shrinking (the filter widens with the scale); ``rgb`` itself when the
+    size is unchanged."""
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    return np.array(Image.fromarray(rgb).resize((w, h), Image.BICUBIC))  # writable (torch.from_numpy)
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

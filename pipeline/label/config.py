@@ -38,6 +38,11 @@ Interpolation = Literal["auto", "bilinear", "bicubic"]
 # Keys of an output (resolution) policy that change the stored labels; part of the label fingerprint where
 # this config has them (see LabelConfig.label_policy).
 OUTPUT_POLICY_KEYS = ("output_short_side", "output_max_side")
+# Teacher input aspect ratios (width / height) of the default buckets: ImageNet's 4:3 and 3:4, square, 16:9,
+# 7:3, 3:1, 4:1 and their portrait versions; neighbours are <= 1.155x apart (a log-midpoint), so an image is
+# stretched by at most ~15.5 % to its bucket's aspect (its labels are resized back to its own aspect).
+ASPECT_BUCKETS = (0.25, 1 / 3, 3 / 7, 9 / 16, 0.75, 1.0, 4 / 3, 16 / 9, 7 / 3, 3.0, 4.0)
+MAX_BUCKET_DISTORTION = 1.16  # an image further than this factor from every bucket's aspect runs at its own size
 RUN_ONLY_KEYS = ("mode", "progress",  # config keys a re-run may change without a new config.yaml
                  "shard_retries", "max_skip_fraction", "read_retries", "read_backoff_s", "shared_fs",
                  "placement_timeout_s", "lease_ttl_s", "storage_options")
@@ -164,6 +169,18 @@ class LabelConfig:
         None, help="deprecated (use teachers[i].input_size): short side (pixels) for every teacher without an "
                    "input_size of its own, instead of its native size; null = each teacher's native size")
     batch_size: int = field_(16, help="images per teacher forward pass")
+    output_short_side: int | None = field_(
+        None, help="short side (pixels) of the stored rgb and its labels: larger images are shrunk once "
+                   "(antialiased; labels computed at each teacher's input size and resized to it: depth bilinear "
+                   "+ antialias, semseg from upsampled class scores), smaller ones kept; null = the source size")
+    output_max_side: int | None = field_(
+        None, help="cap (pixels) on the long side of the stored rgb and its labels (both sides shrink alike); "
+                   "null = no cap")
+    aspect_buckets: list[float] = field_(
+        list(ASPECT_BUCKETS), help="aspect ratios (width / height) of the fixed teacher input sizes images are "
+                                   "bucketed into across a shard, so teacher batches are full; an image further "
+                                   "than a factor max_bucket_distortion from every bucket runs at its own size; "
+                                   "[] = every image at its own aspect (fewer, smaller batches)")
     num_workers: int = field_(0, help="Ray actors, each holding both teachers; 0 = one per GPU, else per cpus_per_worker CPUs")
     cpus_per_worker: int = field_(1, help="CPUs (and torch threads) per actor")
     device: Literal["auto", "cpu", "cuda"] = field_("auto", help="teacher device; auto = cuda when the cluster has GPUs")
@@ -216,6 +233,16 @@ class LabelConfig:
             raise ConfigError("worker_nice", f"must be in [-20, 19] or null, got {self.worker_nice}")
         if self.teacher_short_side is not None and self.teacher_short_side < 32:
             raise ConfigError("teacher_short_side", f"must be >= 32 or null, got {self.teacher_short_side}")
+        for key in OUTPUT_POLICY_KEYS:
+            if getattr(self, key) is not None and getattr(self, key) < 32:
+                raise ConfigError(key, f"must be >= 32 pixels or null, got {getattr(self, key)}")
+        if (self.output_short_side is not None and self.output_max_side is not None
+                and self.output_max_side < self.output_short_side):
+            raise ConfigError("output_max_side", f"must be >= output_short_side ({self.output_short_side}), got "
+                                                 f"{self.output_max_side}")
+        if any(not (isinstance(a, (int, float)) and 0.1 <= a <= 10) for a in self.aspect_buckets):
+            raise ConfigError("aspect_buckets", f"must be aspect ratios (width / height) in [0.1, 10], got "
+                                                f"{self.aspect_buckets}")
         if not self.max_aspect >= 1.0:
             raise ConfigError("max_aspect", f"must be >= 1 (long side / short side), got {self.max_aspect}")
         for key, low in (("samples_per_shard", 1), ("min_side", 1), ("batch_size", 1), ("num_workers", 0),
@@ -307,11 +334,15 @@ class LabelConfig:
         """The label-affecting settings of this config, the ``config`` part of the split's label fingerprint
         (``teachers.label_fingerprint``): per teacher slot its ``name``, the ``revision`` it expects,
         ``input_size`` (its own, else ``teacher_short_side``, else ``None`` = native), ``interpolation`` and
-        ``precision`` as configured; and the output-policy keys (:data:`OUTPUT_POLICY_KEYS`) this config has.
+        ``precision`` as configured; the output-policy keys (:data:`OUTPUT_POLICY_KEYS`) this config has; and
+        the teacher input buckets (``aspect_buckets``, :data:`MAX_BUCKET_DISTORTION`).
         Pure (no I/O)."""
         teachers = {slot: {k: spec[k] for k in ("name", "revision", "interpolation", "precision")}
                     | {"input_size": spec["short_side"]} for slot, spec in self.teacher_specs().items()}
-        return {"teachers": teachers, **{k: getattr(self, k) for k in OUTPUT_POLICY_KEYS if hasattr(self, k)}}
+        buckets = {"aspect_buckets": [round(float(a), 6) for a in self.aspect_buckets],
+                   "max_bucket_distortion": MAX_BUCKET_DISTORTION}
+        return {"teachers": teachers, **{k: getattr(self, k) for k in OUTPUT_POLICY_KEYS if hasattr(self, k)},
+                **buckets}
 
 
 def _check_storage_options(options: dict[str, dict[str, Any]]) -> None:

@@ -221,7 +221,8 @@ def _shard_job(cfg: LabelConfig, plan: Plan, index: int, entries: list[SourceEnt
                     S.stats_url(cfg.output, cfg.split, index), entries, plan.meta.get("classes"), cfg.max_pixels,
                     cfg.batch_size, cfg.read_threads, cfg.decode_threads, max_skip_fraction=cfg.max_skip_fraction,
                     read_retries=cfg.read_retries, read_backoff_s=cfg.read_backoff_s, min_side=cfg.min_side,
-                    max_aspect=cfg.max_aspect)
+                    max_aspect=cfg.max_aspect, output_short_side=cfg.output_short_side,
+                    output_max_side=cfg.output_max_side, aspect_buckets=tuple(cfg.aspect_buckets))
 
 
 @contextlib.contextmanager

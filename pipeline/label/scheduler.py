@@ -177,7 +177,8 @@ class ShardScheduler:
         import ray
 
         self._ray = ray
-        opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)
+        opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
+                                    max_concurrency=int(getattr(body, "MAX_CONCURRENCY", 1)))  # calls at once
         if env_vars:
             opts["runtime_env"] = {"env_vars": dict(env_vars)}
         self._actor_cls, self._opts, self._args = ray.remote(body), opts, args

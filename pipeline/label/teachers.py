@@ -206,7 +206,8 @@ class Teacher:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def resize_input(self, image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    def resize_input(self, image: np.ndarray, device: str | torch.device = "cpu",
+                     size: tuple[int, int] | None = None) -> torch.Tensor:
         """The image resized to this teacher's input size, before normalisation.
 
         This is the CPU half of :meth:`predict`: the label job calls it in decode threads ahead of the
@@ -216,13 +217,15 @@ class Teacher:
         Args:
             image: uint8 ``[H, W, 3]`` RGB.
             device: where to resize (default CPU).
+            size: ``(h, w)`` input size in pixels (e.g. the label job's aspect bucket); ``None`` = :meth:`input_size`.
         Returns:
-            float32 ``[1, 3, h, w]`` with values in ``[0, 255]``, ``(h, w)`` = :meth:`input_size`.
+            float32 ``[1, 3, h, w]`` with values in ``[0, 255]``.
         Raises:
             ValueError: an input that is not uint8 ``[H, W, 3]``.
         """
         self._check([image])
-        return self._resize(image, self.input_size(image.shape[0], image.shape[1]), torch.device(device))
+        size = tuple(size) if size is not None else self.input_size(image.shape[0], image.shape[1])
+        return self._resize(image, size, torch.device(device))
 
     def _resize(self, img: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
         """float32 ``[1, 3, h, w]`` in ``[0, 255]``: ``img`` resized to ``size`` with :attr:`interpolation`
@@ -256,8 +259,8 @@ class Teacher:
                                  f"{getattr(img, 'dtype', type(img))} {getattr(img, 'shape', '')}")
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray],
-                resized: Sequence[torch.Tensor | None] | None = None) -> list[np.ndarray]:
+    def predict(self, images: Sequence[np.ndarray], resized: Sequence[torch.Tensor | None] | None = None,
+                input_sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
         """Dense maps at each image's original size.
 
         Images are grouped by model input size and run in batches of up to ``batch_size``.
@@ -266,6 +269,8 @@ class Teacher:
             images: uint8 ``[H, W, 3]`` RGB arrays (sizes may differ).
             resized: optional, one per image: :meth:`resize_input` of it (done ahead, e.g. in another
                 thread), or ``None`` to resize here; a tensor of the wrong size is ignored.
+            input_sizes: optional ``(h, w)`` model input per image (e.g. the label job's aspect buckets);
+                ``None`` = :meth:`input_size` of each image.
         Returns:
             depth teachers: float32 ``[H, W]`` per image; semseg teachers: int64 ``[H, W]`` class ids.
         Raises:
@@ -275,7 +280,8 @@ class Teacher:
         results: list[np.ndarray | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
-            groups.setdefault(self.input_size(img.shape[0], img.shape[1]), []).append(i)
+            size = tuple(input_sizes[i]) if input_sizes is not None else self.input_size(img.shape[0], img.shape[1])
+            groups.setdefault(size, []).append(i)
         for size, idx in groups.items():
             for s in range(0, len(idx), self.batch_size):
                 part = idx[s:s + self.batch_size]
@@ -349,7 +355,9 @@ class DepthTeacher(Teacher):
         depth = outputs.predicted_depth.float()  # [B, h, w]
         out = []
         for d, (H, W) in zip(depth, sizes):
-            up = F.interpolate(d[None, None], size=(int(H), int(W)), mode="bilinear", align_corners=False)[0, 0]
+            shrink = H < d.shape[-2] or W < d.shape[-1]  # antialiased when the map is shrunk to a small output
+            up = F.interpolate(d[None, None], size=(int(H), int(W)), mode="bilinear", align_corners=False,
+                               antialias=shrink)[0, 0]
             out.append(up.cpu().numpy().astype(np.float32, copy=False))
         return out
 

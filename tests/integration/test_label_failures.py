@@ -128,7 +128,7 @@ class _FailingGPU:
     def __init__(self, teacher):
         self._teacher = teacher
 
-    def predict(self, images, resized=None):
+    def predict(self, images, resized=None, input_sizes=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     def __getattr__(self, name):
