@@ -251,7 +251,7 @@ class MadDecoder(nn.Module):
                                                                activation="gelu", batch_first=True, norm_first=True)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))  # [1]: DeepSpeed cannot broadcast 0-dim
         for t in TASKS:
             self.register_buffer(f"vocab_mask_{t}", vocab.task_mask(t), persistent=False)
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -288,9 +288,10 @@ def mask_tokens(tokens: torch.Tensor, task: str, ratio: float, mask_id: int,
     b, length = tokens.shape
     p = PROMPT_LEN[task]
     n = max(1, round(ratio * (length - p)))
-    order = torch.rand(b, length - p, generator=generator).argsort(dim=1)
+    order = torch.rand(b, length - p, generator=generator).argsort(dim=1)  # drawn on the CPU generator
     masked = torch.zeros(b, length, dtype=torch.bool)
     masked[:, p:] = order < n
+    masked = masked.to(tokens.device)
     return tokens.masked_fill(masked, mask_id), masked
 
 
@@ -302,7 +303,7 @@ def match_slots(logprobs: torch.Tensor, gt: torch.Tensor) -> tuple[np.ndarray, n
 
     if len(gt) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    idx = gt.t().unsqueeze(0).expand(logprobs.shape[0], -1, -1)  # [S, 5, n]
+    idx = gt.to(logprobs.device).t().unsqueeze(0).expand(logprobs.shape[0], -1, -1)  # [S, 5, n]
     cost = -torch.gather(logprobs, 2, idx).mean(1)  # [S, n]
     rows, cols = linear_sum_assignment(cost.detach().double().cpu().numpy())
     return rows, cols
@@ -326,8 +327,9 @@ def detection_targets(vocab: MadVocab, logprobs: torch.Tensor, gt_tokens: list[t
     slots = logprobs[:, 1:].reshape(b, DET_SLOTS, 5, -1)
     for i, gt in enumerate(gt_tokens):
         rows, cols = match_slots(slots[i], gt)
-        tgt[i, torch.as_tensor(rows)] = gt[torch.as_tensor(cols)]
-    return torch.cat([torch.full((b, 1), IGNORE, dtype=torch.long), tgt.reshape(b, -1)], dim=1)
+        tgt[i, torch.as_tensor(rows)] = gt.cpu()[torch.as_tensor(cols)]
+    out = torch.cat([torch.full((b, 1), IGNORE, dtype=torch.long), tgt.reshape(b, -1)], dim=1)
+    return out.to(logprobs.device)
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -383,7 +385,7 @@ def _caption_loss(logits: torch.Tensor, targets: torch.Tensor, references: list[
     logp = logits[:b].log_softmax(-1)
     best = []
     for i, refs in enumerate(references):
-        valid = full_masked[i]
+        valid, refs = full_masked[i], refs.to(logp.device)
         nll = -torch.gather(logp[i, valid].unsqueeze(0).expand(len(refs), -1, -1), 2,
                             refs[:, valid].unsqueeze(-1)).squeeze(-1).mean(1)
         best.append(nll.min())

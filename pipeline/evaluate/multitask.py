@@ -5,7 +5,9 @@ data of each of its tasks, on a deterministic central crop at the run's resoluti
   least-squares scale and shift (the head predicts standardised depth; MiDaS Eq. 4), ``metrics.py``;
 * semseg: mIoU and pixel accuracy of the ConvNeXt head's classes against the semseg pseudo-labels at stride 4;
 * cls: top-1 (and top-5 when there are more than 5 classes) on an ImageNet-style folder (``class_folder``) or on the
-  held-out shards' ``cls`` members.
+  held-out shards' ``cls`` members;
+* det / seg / kpt / cap (the shared Masked AutoDecoder): box / mask / keypoint AP and BLEU-4 / CIDEr on each task's
+  held-out COCO annotations (``pipeline/evaluate/sequence.py``), predictions written as COCO results JSON.
 
 A task without held-out data (no ``class_folder`` and no ``cls`` in the shards) is reported as skipped with the
 reason, never silently.
@@ -91,13 +93,14 @@ def _score(model, task: str, info: dict, batches, device: str = "cpu") -> dict:
 
 @torch.no_grad()
 def evaluate_multitask(model, mc: dict, shards_root: str, split: str, class_folder: str = "", batch_size: int = 8,
-                       max_samples: int = 0) -> dict:
+                       max_samples: int = 0, output: str = "") -> dict:
     """Score every head of a multitask model (eval mode, CPU) on held-out data (module docstring).
 
     Args:
         model: the :class:`~polymae.models.multitask.MultiTaskModel`; mc: its ``model_config.json`` dict.
         shards_root, split: held-out labelled shards (depth, semseg, and cls when they carry it).
         class_folder: held-out ImageNet-style folder for cls tasks trained on a folder ("" = use the shards).
+        output: folder for the sequence tasks' COCO results JSON ("" = not written).
     Returns:
         ``{"tasks": {task: {metric: value, "samples": n} | {"skipped": reason}}, "img_size": ...}``.
     Raises:
@@ -107,6 +110,12 @@ def evaluate_multitask(model, mc: dict, shards_root: str, split: str, class_fold
     img_size = int(mt.get("img_size") or mc.get("pretrain", {}).get("img_size") or 224)
     out: dict = {}
     for task, info in mt.get("tasks", {}).items():
+        if info.get("mad_task"):
+            from polymae.pipeline.evaluate.sequence import evaluate_sequence_task
+
+            out[task] = evaluate_sequence_task(model, task, info, img_size, batch_size, max_samples, output)
+            log.info("%s (%s): %s", task, info["kind"], out[task])
+            continue
         if info["kind"] == "cls" and class_folder:
             batches = _class_batches(class_folder, info.get("classes"), img_size, batch_size, max_samples)
         else:
@@ -124,7 +133,7 @@ def task_rows(results: dict) -> list[tuple[str, str]]:
             rows.append((f"{task}", f"skipped: {m['skipped']}"))
             continue
         for k, v in m.items():
-            if k not in ("samples", "classes_present"):
+            if k not in ("samples", "classes_present", "predictions", "prompt"):
                 rows.append((f"{task} {k}", f"{v:.4f}"))
     return rows
 

@@ -133,7 +133,8 @@ def _evaluate_multitask(cfg: EvaluateConfig, model, mc: dict) -> dict:
     """The results of a multitask checkpoint (``pipeline/evaluate/multitask.py``)."""
     from polymae.pipeline.evaluate.multitask import evaluate_multitask
 
-    res = evaluate_multitask(model, mc, cfg.shards, cfg.split, cfg.class_folder, cfg.batch_size, cfg.max_samples)
+    res = evaluate_multitask(model, mc, cfg.shards, cfg.split, cfg.class_folder, cfg.batch_size, cfg.max_samples,
+                             cfg.output or os.path.join(cfg.checkpoint, f"eval-{cfg.split}"))
     samples = max([m.get("samples", 0) for m in res["tasks"].values()] or [0])
     return {"checkpoint": cfg.checkpoint, "model": mc.get("name"), "shards": cfg.shards, "split": cfg.split,
             "samples": samples, **res}

@@ -26,8 +26,10 @@ Choices the paper leaves open, made here:
 * **Decoupled weight decay** as AdamW (Loshchilov & Hutter), applied only to the parameters the step trains.
 * **Parameters of the other tasks get no update at all**: not moved, not decayed, moments unchanged (as
   ``torch.optim`` treats parameters whose ``.grad`` is None). A parameter group belongs to one task (``task``
-  key, e.g. ``"depth"``) or to all (``task=None``: the shared encoder); under ZeRO a group's flat partition stays
-  in that group, so the rule holds there too, where the other tasks' slices carry zero gradients.
+  key, e.g. ``"depth"``), to several (a list or tuple of names: a decoder shared by those tasks, such as the Masked
+  AutoDecoder of det / seg / kpt / cap, updated whenever any of them is drawn) or to all (``task=None``: the shared
+  encoder); under ZeRO a group's flat partition stays in that group, so the rule holds there too, where the other
+  tasks' slices carry zero gradients.
 * **(1 - beta) / s_k above 1** (``s_k < 1 - beta1``, e.g. a task drawn less than 10 % of the time) is *not*
   clipped: it is the weight that makes the moments unbiased over the draw; the new gradient then outweighs the
   decayed old moment, as the estimator requires.
@@ -59,8 +61,8 @@ class MTAdamW(torch.optim.Optimizer):
     """MT-AdamW (module docstring): call :meth:`set_task` before each :meth:`step`.
 
     Args:
-        params: parameters or parameter groups; a group's ``task`` names the task whose decoder it holds (None or
-            absent: shared by all tasks). ``lr``, ``weight_decay`` may differ per group (layer-wise decay).
+        params: parameters or parameter groups; a group's ``task`` names the task whose decoder it holds, or a
+            list/tuple of the tasks sharing it (None or absent: shared by all tasks). ``lr``, ``weight_decay`` may differ per group (layer-wise decay).
         lr: learning rate (per group, as in AdamW).
         betas: ``(beta1, beta2)`` in PyTorch's convention (weights of the old moments).
         eps: added to ``sqrt(v_hat)``.
@@ -102,8 +104,14 @@ class MTAdamW(torch.optim.Optimizer):
             group["mt_step"] += 1
 
     def trains(self, group: dict) -> bool:
-        """Whether ``group`` is trained by the active task's step (shared groups always are)."""
-        return group.get("task") is None or (self.active is not None and group["task"] == self.active[0])
+        """Whether ``group`` is trained by the active task's step (shared groups always are; a group of several
+        tasks when the active task is one of them)."""
+        task = group.get("task")
+        if task is None:
+            return True
+        if self.active is None:
+            return False
+        return self.active[0] in task if isinstance(task, (list, tuple)) else task == self.active[0]
 
     def _norm(self) -> float:
         """The step's global gradient norm: ``grad_norm()`` when given (cached for the step), else the L2 norm of

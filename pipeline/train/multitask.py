@@ -44,7 +44,7 @@ from polymae.pipeline.train.metrics_log import MetricsLogger
 from polymae.pipeline.train.mt_adamw import MTAdamW
 from polymae.pipeline.train.multitask_config import MultitaskConfig
 from polymae.pipeline.train.sampler import UnmixedSampler, sampling_probs
-from polymae.pipeline.train.tasks import Task, build_task
+from polymae.pipeline.train.tasks import Task, build_task, link_sequence_tasks
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ def param_groups(model: torch.nn.Module, cfg: MultitaskConfig) -> list[dict]:
     """MT-AdamW groups: the encoder (``task=None``) one group per layer and decay class with ``lr_scale =
     encoder_lr_mult x layer_decay^(L + 1 - layer)`` (layer 0 = patch embedding and global tokens, ``i + 1`` = block
     ``i``, ``L + 1`` = final norm; BEiT/MAE layer-wise decay), left out when ``encoder_lr_mult`` is 0 (frozen, and
-    ``requires_grad`` turned off); each head one group per decay class with ``task=<name>``, ``lr_scale = 1``. No
-    weight decay on biases, norms and the encoder's tokens (``no_weight_decay``)."""
+    ``requires_grad`` turned off); each head one group per decay class with ``task=<name>``, ``lr_scale = 1``; the
+    sequence decoder shared by the det/seg/kpt/cap tasks one group per decay class with ``task`` = the tuple of
+    those tasks (MT-AdamW updates it whenever any of them is drawn). No weight decay on biases, norms, the encoder's
+    tokens (``no_weight_decay``) and the decoder's positions and logit scale."""
     o, enc = cfg.optim, model.encoder
     depth = len(enc.encoder)
     skip = set(enc.no_weight_decay())
@@ -90,6 +92,13 @@ def param_groups(model: torch.nn.Module, cfg: MultitaskConfig) -> list[dict]:
             g = groups.setdefault((task, 0, nd), {"params": [], "task": task, "name": f"head.{task}",
                                                   "weight_decay": 0.0 if nd else o.weight_decay, "lr_scale": 1.0})
             g["params"].append(p)
+    seq = getattr(model, "sequence_decoder", None)
+    for name, p in seq.named_parameters() if seq is not None else ():
+        nd = _no_decay(name, p, {"pos", "logit_scale"})
+        shared = tuple(model.sequence_tasks)
+        g = groups.setdefault((shared, 0, nd), {"params": [], "task": shared, "name": "head.sequence_decoder",
+                                                "weight_decay": 0.0 if nd else o.weight_decay, "lr_scale": 1.0})
+        g["params"].append(p)
     return list(groups.values())
 
 
@@ -192,6 +201,7 @@ class MultitaskTrainer:
         self.tasks = {n: build_task(n, t) for n, t in cfg.tasks.items()}
         for t in self.tasks.values():
             t.prepare()
+        link_sequence_tasks(self.tasks)  # one vocabulary for the shared sequence decoder
         self.probs = sampling_probs([t.cfg.sampling_weight for t in self.tasks.values()],
                                     [t.size for t in self.tasks.values()])
         self.sampler = UnmixedSampler(list(self.tasks), self.probs, seed=cfg.train.seed)
@@ -325,7 +335,7 @@ class MultitaskTrainer:
             batch = next(self._iters[name])
             rgb, target, out_size = task.inputs(batch, self.device)
             self.engine.set_gradient_accumulation_boundary(micro == ga - 1)
-            pred, zero = self.engine(rgb, name, out_size, touch_all=touch_all)
+            pred, zero = self.engine(rgb, name, out_size, touch_all=touch_all, **task.forward_kwargs(target))
             loss = task.loss(pred, target)
             self.engine.backward((loss + zero) / ga, scale_wrt_gas=False)
             self._sums[k] += loss.detach().float()

@@ -16,15 +16,20 @@ from typing import Literal
 from polymae.pipeline.config import ConfigError, field_, redact
 
 #: task kinds of this job (``pipeline/train/tasks.py``)
-TASK_KINDS = ("depth", "semseg", "cls")
+TASK_KINDS = ("depth", "semseg", "cls", "det", "seg", "kpt", "cap")
+#: the sequence kinds (Masked AutoDecoder, ``models/mad.py``): COCO-format data, one decoder shared by all of them
+SEQUENCE_KINDS = ("det", "seg", "kpt", "cap")
+#: settings of the shared sequence decoder, which every sequence task must give alike
+SEQUENCE_DECODER_KEYS = ("head_width", "decoder_depth", "decoder_heads", "caption_vocab")
 
 
 @dataclass
 class TaskConfig:
     """One task: its kind, data, decoder, batch sizes and weights."""
 
-    kind: Literal["depth", "semseg", "cls"] = field_("depth", help="depth | semseg (labelled shards) | cls "
-                                                     "(ImageNet-style folder, or shards with a `cls` member)")
+    kind: Literal["depth", "semseg", "cls", "det", "seg", "kpt", "cap"] = field_(
+        "depth", help="depth | semseg (labelled shards) | cls (ImageNet-style folder, or shards with a `cls` "
+        "member) | det | seg | kpt | cap (COCO-format annotations; one shared Masked AutoDecoder)")
     shards: str = field_("", help="root of labelled shards (the label job's output; depth, semseg, cls)")
     split: str = field_("train", help="split folder under `shards`")
     folder: str = field_("", help="cls: ImageNet-style folder, one sub-folder per class (instead of shards)")
@@ -37,6 +42,16 @@ class TaskConfig:
     head_width: int = field_(0, help="decoder width: DPT fusion features / ConvNeXt width (0 = the kind's default)")
     head_depth: int = field_(2, help="semseg: ConvNeXt blocks")
     layers: list[int] = field_([], help="depth: the 4 encoder blocks DPT reads (0-based; [] = evenly spaced)")
+    annotations: str = field_("", help="det/seg/kpt/cap: COCO annotation JSON (instances / person_keypoints / "
+                              "captions), local path or fsspec URL")
+    images: str = field_("", help="det/seg/kpt/cap: folder or fsspec URL holding the annotations' file_name")
+    val_annotations: str = field_("", help="det/seg/kpt/cap: held-out COCO JSON scored by evaluate ('' = none)")
+    val_images: str = field_("", help="det/seg/kpt/cap: folder of the held-out images ('' = `images`)")
+    instances_per_image: int = field_(4, help="seg/kpt: at most this many instance sequences per image in a batch")
+    decoder_depth: int = field_(6, help="det/seg/kpt/cap: layers of the shared Masked AutoDecoder")
+    decoder_heads: int = field_(8, help="det/seg/kpt/cap: attention heads of the shared decoder "
+                                "(its width: head_width, 0 = 256)")
+    caption_vocab: int = field_(8000, help="cap: largest caption-tokenizer vocabulary (trained on the captions)")
     crop_scale: list[float] = field_([0.2, 1.0], help="random-resized-crop area range")
     hflip: float = field_(0.5, help="horizontal flip probability")
 
@@ -44,11 +59,18 @@ class TaskConfig:
         """Pure value checks.
 
         Raises:
-            ConfigError: no data source (``shards`` / ``folder``), a folder for a dense task, batch sizes below 1
-                or ``global_batch`` not a multiple of ``micro_batch``, negative weights, a bad crop range,
-                ``layers`` not 4 indices.
+            ConfigError: no data source (``shards`` / ``folder``; ``annotations`` + ``images`` for a sequence
+                task), a folder for a dense task, batch sizes below 1 or ``global_batch`` not a multiple of
+                ``micro_batch``, negative weights, a bad crop range, ``layers`` not 4 indices, sequence-decoder
+                settings below 1.
         """
-        if self.kind in ("depth", "semseg") and not self.shards:
+        if self.kind in SEQUENCE_KINDS and not (self.annotations and self.images):
+            raise ConfigError("annotations" if not self.annotations else "images",
+                              f"a {self.kind} task reads COCO annotations and their images: set both")
+        if self.kind in SEQUENCE_KINDS and min(self.instances_per_image, self.decoder_depth, self.decoder_heads,
+                                               self.caption_vocab) < 1:
+            raise ConfigError("instances_per_image", "instances_per_image, decoder_depth, decoder_heads and "
+                              "caption_vocab must be >= 1")
             raise ConfigError("shards", f"a {self.kind} task reads labelled shards: set shards")
         if self.kind == "cls" and bool(self.shards) == bool(self.folder):
             raise ConfigError("folder", "a cls task reads either an ImageNet-style folder or shards: set one")
@@ -161,7 +183,8 @@ class MultitaskConfig:
         """Pure checks of the whole config (each task's :meth:`TaskConfig.validate`, keys ``tasks.<name>.<key>``).
 
         Raises:
-            ConfigError: no tasks; a task's own check; sampling weights given for some tasks only, or all zero;
+            ConfigError: no tasks; a task's own check; sequence tasks that disagree on the shared decoder
+                (:data:`SEQUENCE_DECODER_KEYS`); sampling weights given for some tasks only, or all zero;
                 ``output`` a URL; ``img_size`` not a positive multiple of 16... (the patch size is checked against
                 the encoder by the trainer).
         """
@@ -179,6 +202,12 @@ class MultitaskConfig:
             raise ConfigError("tasks", "sampling weights sum to 0")
         if "://" in self.output or "::" in self.output:
             raise ConfigError("output", f"must be a local folder, not {redact(self.output)!r}")
+        seq = [(n, t) for n, t in self.tasks.items() if t.kind in SEQUENCE_KINDS]
+        for n, t in seq[1:]:
+            for key in SEQUENCE_DECODER_KEYS:
+                if getattr(t, key) != getattr(seq[0][1], key):
+                    raise ConfigError(f"tasks.{n}.{key}", f"{getattr(t, key)} differs from tasks.{seq[0][0]}.{key} = "
+                                      f"{getattr(seq[0][1], key)}: the sequence tasks share one decoder")
         if self.img_size <= 0 or self.img_size % 2:
             raise ConfigError("img_size", f"must be a positive even number of pixels, got {self.img_size}")
 
@@ -196,7 +225,7 @@ class MultitaskConfig:
             raise ConfigError("encoder", f"{self.encoder!r} has no model_config.json (not a run folder or release)")
         world = world_size()
         for name, t in self.tasks.items():
-            for key in ("shards", "folder"):
+            for key in ("shards", "folder", "annotations", "images"):
                 url = getattr(t, key)
                 if url and "://" not in url and not storage.exists(url):
                     raise ConfigError(f"tasks.{name}.{key}", f"{url!r} does not exist")
@@ -205,4 +234,5 @@ class MultitaskConfig:
                                   f"{t.micro_batch} x {world} ranks")
 
 
-__all__ = ["TaskConfig", "MTOptimConfig", "MTTrainConfig", "MultitaskConfig", "TASK_KINDS"]
+__all__ = ["TaskConfig", "MTOptimConfig", "MTTrainConfig", "MultitaskConfig", "TASK_KINDS", "SEQUENCE_KINDS",
+           "SEQUENCE_DECODER_KEYS"]

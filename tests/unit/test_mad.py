@@ -100,14 +100,14 @@ def test_a_tiny_decoder_learns_a_detection_sequence_and_decodes_it_in_one_pass()
     losses) falls, and one parallel pass then predicts the 3 boxes (within 2 bins) and no-object elsewhere."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    dec = M.MadDecoder(VOCAB, encoder_dim=8, dim=64, depth=2, heads=4, max_len=512)
+    dec = M.MadDecoder(VOCAB, encoder_dim=8, dim=64, depth=1, heads=4, max_len=512)
     mem = torch.randn(1, 4, 8)
     boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.2, 0.6, 0.7, 0.95]])
     classes = torch.tensor([0, 2, 4])
     gt = torch.cat([VOCAB.coord(boxes), (VOCAB.class_base + classes)[:, None]], dim=1)
     opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
     losses = []
-    for step in range(150):
+    for step in range(100):
         seq, _ = M.encode_detection(VOCAB, boxes, classes, g)
         loss = M.mad_loss(dec, mem, "det", seq[None], gt_boxes=[gt], generator=g)
         opt.zero_grad()

@@ -84,6 +84,30 @@ def test_a_step_of_one_task_leaves_the_other_decoder_bit_identical(other_grad):
     assert not torch.equal(shared.detach(), shared_before) and "exp_avg" in opt.state[a]
 
 
+def test_a_group_shared_by_several_tasks_trains_with_each_of_them_only():
+    """A decoder shared by tasks A and B (``task=("A", "B")``, e.g. the Masked AutoDecoder) moves on A's and B's
+    steps, enters their gradient norm, and stays bit-identical (moments too) on a step of task C."""
+    torch.manual_seed(0)
+    shared_dec, c = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    opt = MTAdamW([{"params": [shared_dec], "task": ("A", "B")}, {"params": [c], "task": "C"}], lr=0.1)
+    for task in ("A", "B"):
+        before = shared_dec.detach().clone()
+        shared_dec.grad, c.grad = torch.tensor([3.0, 4.0, 0, 0, 0, 0]), torch.zeros(6)
+        opt.set_task(task, 0.5)
+        opt.step()
+        assert not torch.equal(shared_dec.detach(), before) and opt.last_norm == pytest.approx(5.0)
+    before = [shared_dec.detach().clone(), opt.state[shared_dec]["exp_avg"].clone()]
+    shared_dec.grad, c.grad = torch.randn(6), torch.randn(6)
+    opt.set_task("C", 0.5)
+    opt.step()
+    assert torch.equal(shared_dec.detach(), before[0]) and torch.equal(opt.state[shared_dec]["exp_avg"], before[1])
+    assert opt.last_norm == pytest.approx(float(c.grad.norm()))
+    opt.param_groups[0]["task"] = ["A", "B"]  # as a list (a resumed optimizer state)
+    assert not opt.trains(opt.param_groups[0])
+    opt.set_task("B", 0.5)
+    assert opt.trains(opt.param_groups[0]) and not opt.trains(opt.param_groups[1])
+
+
 def test_the_gradient_is_normalised_and_weighted():
     """One step from zero moments moves a parameter by lr * sign(g) / sqrt(s_k) whatever the gradient's scale
     (m_hat = g / s_k, v_hat = g^2 / s_k), and the first moment holds (1 - beta1) / s_k * omega_k * g / ||g||."""
