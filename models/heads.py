@@ -114,7 +114,9 @@ class DPTDepthHead(nn.Module):
         self.fusion = nn.ModuleList(_FusionBlock(features) for _ in range(4))
         self.head = nn.Sequential(nn.Conv2d(features, features // 2, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 1, 1))
-        nn.init.zeros_(self.head[-1].weight)  # start at the standardised targets' mean (0), not at noise
+        # start near the standardised targets' mean (0), not at noise; small rather than zero weights, so the
+        # layers below get a gradient from the first step (with exact zeros Adam amplifies rounding noise)
+        nn.init.normal_(self.head[-1].weight, std=1e-3)
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, feats: Sequence[torch.Tensor], grid: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
