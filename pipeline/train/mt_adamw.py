@@ -69,20 +69,23 @@ class MTAdamW(torch.optim.Optimizer):
         weight_decay: decoupled weight decay ``lambda``.
         grad_norm: returns the global L2 norm of the step's gradient (DeepSpeed ZeRO 1-3), or None to compute it.
         norm_eps: floor of the gradient norm in the normalisation.
+        fused: run the update through torch's fused AdamW kernel (:meth:`_update_group_fused`; None = where it
+            exists and the group is fp32/fp16/bf16 on one device) or through ``torch._foreach_*`` ops. The fused
+            path scales the gradients in place (as an AMP unscale does); both give the same update.
     Raises:
         ValueError: a learning rate, beta, eps or weight decay out of range (constructor).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.05, grad_norm: NormFn | None = None,
-                 norm_eps: float = 1e-12):
+                 norm_eps: float = 1e-12, fused: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0: {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1): {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, task=None, mt_step=0)
         super().__init__(params, defaults)
-        self.grad_norm, self.norm_eps = grad_norm, norm_eps
+        self.grad_norm, self.norm_eps, self.fused = grad_norm, norm_eps, fused
         self.active: tuple[str, float, float] | None = None
         self.last_norm: float | None = None
 
@@ -149,9 +152,17 @@ class MTAdamW(torch.optim.Optimizer):
                 self._update_group(group, scale, prob)
         return loss
 
+    def _use_fused(self, params: list[torch.Tensor]) -> bool:
+        """Whether ``params`` go through the fused kernel (``fused`` setting; auto: kernel present, one device,
+        fp32/fp16/bf16)."""
+        ok = hasattr(torch, "_fused_adamw_") and len({p.device for p in params}) == 1 and all(
+            p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+        return ok if self.fused is None else (self.fused and ok)
+
     def _update_group(self, group: dict, scale: float, prob: float) -> None:
-        """The update of one group (multi-tensor ``torch._foreach_*`` ops) with gradient scale ``scale`` =
-        ``omega_k / ||grad||``, folded into the moments' weights (the gradients are read, never written)."""
+        """The update of one group with gradient scale ``scale`` = ``omega_k / ||grad||``: the fused kernel
+        (:meth:`_update_group_fused`) or multi-tensor ``torch._foreach_*`` ops with ``scale`` folded into the
+        moments' weights (the gradients are read, never written)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -165,6 +176,9 @@ class MTAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             m.append(state["exp_avg"])
             v.append(state["exp_avg_sq"])
+        if self._use_fused(params):
+            self._update_group_fused(group, params, m, v, scale, prob)
+            return
         grads = [p.grad for p in params]  # the normalisation ``scale`` is folded into the moments' weights
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
@@ -177,6 +191,34 @@ class MTAdamW(torch.optim.Optimizer):
         torch._foreach_div_(denom, math.sqrt(bc2))
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
+
+    def _update_group_fused(self, group: dict, params: list, m: list, v: list, scale: float, prob: float) -> None:
+        """The same update through ``torch._fused_adamw_`` (one pass over parameters, gradients and moments).
+
+        The kernel computes AdamW with gradient ``g'``, learning rate ``lr'``, decay ``wd'`` and ``eps``. With
+        ``g' = scale * g / sqrt(s_k)`` (the kernel divides by ``grad_scale = sqrt(s_k) / scale``), ``v`` gets
+        exactly ``(1 - beta2) / s_k * (scale g)^2``. The first moment is stored as ``m`` but handed to the kernel as
+        ``sqrt(s_k) * m``: the kernel returns ``sqrt(s_k) * (beta1 m + (1 - beta1) / s_k * scale g)``, which is
+        scaled back. The parameter step then reads ``sqrt(s_k) m_t``, so ``lr' = lr / sqrt(s_k)`` and, for the same
+        decay ``lr * wd``, ``wd' = wd * sqrt(s_k)``. Bias correction uses the global step ``t`` (the kernel's step
+        tensors are set to it). Two passes over ``m`` are added when ``s_k < 1``."""
+        beta1, beta2 = group["betas"]
+        root = math.sqrt(prob)
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["step"].fill_(float(group["mt_step"]))
+            steps.append(state["step"])
+        if prob != 1.0:
+            torch._foreach_mul_(m, root)
+        grad_scale = torch.tensor(root / scale, dtype=torch.float32, device=params[0].device)
+        torch._fused_adamw_(params, [p.grad for p in params], m, v, [], steps, lr=group["lr"] / root, beta1=beta1,
+                            beta2=beta2, weight_decay=group["weight_decay"] * root, eps=group["eps"], amsgrad=False,
+                            maximize=False, grad_scale=grad_scale, found_inf=None)
+        if prob != 1.0:
+            torch._foreach_mul_(m, 1.0 / root)
 
 
 __all__ = ["MTAdamW"]
