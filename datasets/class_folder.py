@@ -24,11 +24,12 @@ from __future__ import annotations
 import io
 import logging
 import random
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+
+from polymae.datasets.position_stream import PositionStream, fill_failed
 
 from polymae.datasets.transforms import center_params, rrc_params, sample_rng
 
@@ -80,7 +81,7 @@ def _decode(url: str, box_rng: np.random.Generator | None, size: int, scale, rat
     return arr.flip(-1) if flip else arr
 
 
-class ClassFolderStream(IterableDataset):
+class ClassFolderStream(PositionStream):
     """Micro-batches of an ImageNet-style folder (module docstring).
 
     Args:
@@ -154,33 +155,11 @@ class ClassFolderStream(IterableDataset):
         lo, hi = g * mb, (g + 1) * mb
         if not self.infinite:
             hi = min(hi, len(self.samples))
-        outs = [self._load(p) for p in range(lo, hi)]
-        good = [o for o in outs if o is not None]
-        if not good:
-            if self.infinite:
-                raise RuntimeError(f"no image of micro-batch {g} (positions {lo}-{hi - 1}) decodes")
+        outs = fill_failed([self._load(p) for p in range(lo, hi)], self.infinite, g, lo, hi)
+        if outs is None:
             return None
-        if self.infinite:
-            n = len(outs)
-            outs = [o if o is not None else next(outs[(i + j) % n] for j in range(1, n) if outs[(i + j) % n])
-                    for i, o in enumerate(outs)]
-        else:
-            outs = good
         return {"rgb": torch.stack([o["rgb"] for o in outs]),
                 "cls": torch.tensor([o["cls"] for o in outs], dtype=torch.int64), "key": [o["key"] for o in outs]}
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        b = self.skip_batches + wid
-        while True:
-            g = b * self.world + self.rank
-            if not self.infinite and g * self.micro_batch >= len(self.samples):
-                return
-            out = self.batch(g)
-            if out is not None:
-                yield out
-            b += nw
 
 
 __all__ = ["list_class_folder", "ClassFolderStream", "IMAGE_SUFFIXES"]

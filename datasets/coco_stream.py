@@ -25,11 +25,12 @@ import contextlib
 import io
 import logging
 import random
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+
+from polymae.datasets.position_stream import PositionStream, fill_failed
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _decode_image(url: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class CocoStream(IterableDataset):
+class CocoStream(PositionStream):
     """Micro-batches of COCO records with their images (module docstring).
 
     Args:
@@ -172,34 +173,12 @@ class CocoStream(IterableDataset):
         lo, hi = g * self.micro_batch, (g + 1) * self.micro_batch
         if not self.infinite:
             hi = min(hi, len(self.records))
-        outs = [self._load(p) for p in range(lo, hi)]
-        good = [o for o in outs if o is not None]
-        if not good:
-            if self.infinite:
-                raise RuntimeError(f"no image of micro-batch {g} (positions {lo}-{hi - 1}) decodes")
+        outs = fill_failed([self._load(p) for p in range(lo, hi)], self.infinite, g, lo, hi)
+        if outs is None:
             return None
-        if self.infinite:
-            n = len(outs)
-            outs = [o if o is not None else next(outs[(i + j) % n] for j in range(1, n) if outs[(i + j) % n])
-                    for i, o in enumerate(outs)]
-        else:
-            outs = good
         recs = [o["record"] for o in outs]
         return {"rgb": torch.stack([o["rgb"] for o in outs]), "key": [r["file_name"] for r in recs],
                 "image_id": [r["image_id"] for r in recs], "records": recs, "batch_index": g}
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        b = self.skip_batches + wid
-        while True:
-            g = b * self.world + self.rank
-            if not self.infinite and g * self.micro_batch >= len(self.records):
-                return
-            out = self.batch(g)
-            if out is not None:
-                yield out
-            b += nw
 
 
 __all__ = ["coco_index", "read_coco_records", "polygons_to_mask", "CocoStream"]

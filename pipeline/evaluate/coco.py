@@ -23,23 +23,15 @@ STAT_NAMES["segm"] = STAT_NAMES["bbox"]
 
 
 def load_coco(source: str | dict):
-    """A ``pycocotools.coco.COCO`` index of an annotation file (local path or fsspec URL) or of a loaded dict.
+    """A ``pycocotools.coco.COCO`` index of an annotation file (local path or fsspec URL) or of a loaded dict
+    (``datasets.coco_stream.coco_index``).
 
     Raises:
         FileNotFoundError: the file does not exist; ValueError: it is not COCO JSON (no ``images``).
     """
-    from pycocotools.coco import COCO
+    from polymae.datasets.coco_stream import coco_index
 
-    from polymae.datasets import storage
-
-    data = source if isinstance(source, dict) else storage.read_json(source)
-    if "images" not in data:
-        raise ValueError(f"{source if isinstance(source, str) else 'the dict'} is not COCO JSON (no 'images')")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
+    return coco_index(source)
 
 
 def write_results(results: list[dict], url: str) -> None:
