@@ -182,7 +182,8 @@ class LabelConfig:
                                    "than a factor max_bucket_distortion from every bucket runs at its own size; "
                                    "[] = every image at its own aspect (fewer, smaller batches)")
     num_workers: int = field_(0, help="Ray actors, each holding both teachers; 0 = one per GPU, else per cpus_per_worker CPUs")
-    cpus_per_worker: int = field_(1, help="CPUs (and torch threads) per actor")
+    cpus_per_worker: int = field_(0, help="CPUs (and torch threads) per actor; 0 = the node's CPUs per GPU on "
+                                          "GPUs, 1 on CPUs")
     device: Literal["auto", "cpu", "cuda"] = field_("auto", help="teacher device; auto = cuda when the cluster has GPUs")
     ray_address: str | None = field_(None, help="Ray cluster to join (e.g. ray://host:10001, auto); null = embedded local Ray")
     mode: Literal["resume", "overwrite", "extend"] = field_(
@@ -193,9 +194,9 @@ class LabelConfig:
                                          "skipped (reason too_elongated)")
     seed: int = field_(0, help="seed of the plan's shuffle and of tiny random teachers")
     read_threads: int = field_(8, help="threads reading source bytes ahead of decoding, per actor")
-    decode_threads: int = field_(1, help="threads decoding images and resizing them to the teachers' input "
+    decode_threads: int = field_(0, help="threads decoding images and resizing them to the teachers' input "
                                          "ahead of the teacher stage (next batches overlap the current "
-                                         "forward), per actor")
+                                         "forward), per actor; 0 = the actor's CPUs but one (at least 1)")
     worker_nice: int | None = field_(0, help="niceness of the labelling workers (Ray starts workers at 15, so "
                                              "any other process on the machine starves them); null keeps Ray's")
     shard_retries: int = field_(2, help="times a shard is labelled again after its worker died or it failed (a "
@@ -246,7 +247,7 @@ class LabelConfig:
         if not self.max_aspect >= 1.0:
             raise ConfigError("max_aspect", f"must be >= 1 (long side / short side), got {self.max_aspect}")
         for key, low in (("samples_per_shard", 1), ("min_side", 1), ("batch_size", 1), ("num_workers", 0),
-                         ("cpus_per_worker", 1), ("max_pixels", 1), ("read_threads", 1), ("decode_threads", 1),
+                         ("cpus_per_worker", 0), ("max_pixels", 1), ("read_threads", 1), ("decode_threads", 0),
                          ("shard_retries", 0), ("read_retries", 0), ("read_backoff_s", 0.0)):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")

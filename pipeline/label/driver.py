@@ -60,6 +60,7 @@ from polymae.pipeline.label.plan import Plan, load_or_create_plan, plan_url
 from polymae.pipeline.label.preview import write_preview_or_warn
 from polymae.pipeline.label.lease import OutputLease
 from polymae.pipeline.label.scheduler import (ShardScheduler, alive_nodes, check_shared_paths, pool_size, ray_session,
+                                             worker_cpus,
                                               storage_env, worker_target)
 from polymae.pipeline.label.teachers import FINGERPRINT_NAME, check_fingerprint, label_fingerprint
 from polymae.pipeline.label.worker import LabelWorker, ShardJob
@@ -184,13 +185,18 @@ def _label_pending(cfg: LabelConfig, plan: Plan, by_shard: dict[int, list[Source
     with ray_session(cfg.ray_address, cfg.worker_nice):
         run = PendingRun(teachers={}, ray_start_seconds=time.time() - t0, retried={})
         check_shared_paths({"input": cfg.input, "output": cfg.output}, alive_nodes(), cfg.shared_fs)
-        use_cuda, n_workers = pool_size(cfg.device, cfg.num_workers, cfg.cpus_per_worker, len(pending))
+        import ray
+
+        cpus, decode = worker_cpus(cfg.device, cfg.cpus_per_worker, cfg.decode_threads, ray.nodes())
+        cfg = dataclasses.replace(cfg, cpus_per_worker=cpus, decode_threads=decode)
+        use_cuda, n_workers = pool_size(cfg.device, cfg.num_workers, cpus, len(pending))
+        log.info("%s: %d CPU(s) and %d decode thread(s) per actor", "CUDA" if use_cuda else "CPU", cpus, decode)
         specs = cfg.teacher_specs(device="cuda" if use_cuda else "cpu")
         t_load = time.time()
-        pool = ShardScheduler(LabelWorker, (specs, cfg.cpus_per_worker, cfg.worker_nice), n_workers,
-                              cfg.shard_retries, num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_cuda else 0,
+        pool = ShardScheduler(LabelWorker, (specs, cpus, cfg.worker_nice), n_workers,
+                              cfg.shard_retries, num_cpus=cpus, num_gpus=1 if use_cuda else 0,
                               placement_timeout_s=cfg.placement_timeout_s,
-                              target=None if cfg.num_workers else worker_target(use_cuda, cfg.cpus_per_worker),
+                              target=None if cfg.num_workers else worker_target(use_cuda, cpus),
                               env_vars=storage_env(cfg.storage_options))
         try:
             run.teachers = pool.metadata()[0]  # every placed actor has loaded its teachers

@@ -88,6 +88,21 @@ def pool_size(device: str, num_workers: int, cpus_per_worker: int, shards: int) 
     return use_cuda, max(1, min(num_workers or auto, shards))
 
 
+def worker_cpus(device: str, cpus_per_worker: int, decode_threads: int, nodes: list[dict]) -> tuple[int, int]:
+    """``(CPUs per actor, decode threads per actor)`` with ``0`` = auto resolved from the cluster's ``nodes``
+    (``ray.nodes()`` entries: ``{"Alive", "Resources": {"CPU", "GPU"}}``): an actor on GPUs gets the node's CPUs
+    per GPU (the smallest such ratio over the alive GPU nodes, at least 1), an actor on CPUs 1 CPU; decode threads
+    are the actor's CPUs but one (the teacher's thread), at least 1. Explicit values are kept."""
+    gpu_nodes = [n["Resources"] for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) >= 1]
+    use_cuda = device == "cuda" or (device == "auto" and bool(gpu_nodes))
+    if cpus_per_worker == 0:
+        ratios = [int(r.get("CPU", 0) // r["GPU"]) for r in gpu_nodes]
+        cpus_per_worker = max(1, min(ratios)) if use_cuda and ratios else 1
+    if decode_threads == 0:
+        decode_threads = max(1, cpus_per_worker - 1)
+    return cpus_per_worker, decode_threads
+
+
 def alive_nodes() -> int:
     """Nodes of the connected Ray cluster that are alive (``ray.nodes()``)."""
     import ray

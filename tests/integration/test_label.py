@@ -337,7 +337,7 @@ def test_multi_teacher_config_errors_name_the_key():
                           (["semseg_teacher=segformer,none"], "semseg_teacher"),
                           (["depth_teacher=dpt,depth_anything", "depth_weights=/a"], "depth_weights"),
                           (["semseg_weights=/a,/b"], "semseg_weights"),
-                          (["decode_threads=0"], "decode_threads")):
+                          (["decode_threads=-1"], "decode_threads"), (["cpus_per_worker=-1"], "cpus_per_worker")):
         with pytest.raises(ConfigError) as e:
             load_config(LabelConfig, None, ["input=x", *override])
         assert e.value.key == key, override

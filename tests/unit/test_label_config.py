@@ -197,3 +197,19 @@ def test_config_yaml_is_never_silently_overwritten(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == text and "batch_size: 8" in open(other).read()
     assert save_label_config(_load(["batch_size=8"]), url, replace=True) == url  # mode=overwrite
     assert "batch_size: 8" in (tmp_path / "config.yaml").read_text()
+
+
+def test_cpus_and_decode_threads_default_from_the_nodes_cpus_per_gpu():
+    """0 = auto: a GPU actor gets the alive GPU nodes' smallest CPUs per GPU (64 CPUs / 8 GPUs -> 8, 24 / 4 -> 6:
+    6), decode threads are the actor's CPUs but one; a CPU actor 1 CPU, 1 decode thread; explicit values kept."""
+    from polymae.pipeline.label.scheduler import worker_cpus
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+             {"Alive": True, "Resources": {"CPU": 24.0, "GPU": 4.0}},
+             {"Alive": False, "Resources": {"CPU": 2.0, "GPU": 2.0}},
+             {"Alive": True, "Resources": {"CPU": 16.0}}]
+    assert worker_cpus("auto", 0, 0, nodes) == (6, 5)
+    assert worker_cpus("cpu", 0, 0, nodes) == (1, 1)
+    assert worker_cpus("auto", 0, 0, [{"Alive": True, "Resources": {"CPU": 2.0}}]) == (1, 1)
+    assert worker_cpus("auto", 4, 0, nodes) == (4, 3) and worker_cpus("auto", 0, 2, nodes) == (6, 2)
+    assert _load().cpus_per_worker == 0 and _load().decode_threads == 0
