@@ -163,7 +163,7 @@ def run_multitask_stage(cfg: QuickstartConfig, work: str, shards: str, encoder: 
     pre-trained encoder, then their held-out evaluation. Returns ``{"run", "losses": {task: [losses in order]},
     "evaluate": results}``."""
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.evaluate.job import EvaluateConfig, evaluate
     from polymae.pipeline.train.metrics_log import read_metrics
 
     run = os.path.join(work, "runs", "multitask-quickstart")
@@ -178,13 +178,14 @@ def run_multitask_stage(cfg: QuickstartConfig, work: str, shards: str, encoder: 
         for task, v in row["losses"].items():
             losses.setdefault(task, []).append(v)
     ecfg = load_config(EvaluateConfig, overrides=[f"checkpoint={run}", f"shards={shards}", "split=val",
-                                                  f"class_folder={classes.get('val', '')}"])
+                                                  f"class_folder={classes.get('val', '')}",
+                                                  f"results_table={os.path.join(work, 'results')}"])
     return {"run": run, "losses": losses, "evaluate": evaluate(ecfg)}
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """Run all four stages; returns a summary dict (paths, counts, losses, metrics, seconds per stage)."""
-    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.evaluate.job import EvaluateConfig, evaluate
     from polymae.pipeline.label.driver import LabelConfig, run_label
     from polymae.pipeline.config import load_config
     from polymae.pipeline.train.metrics_log import read_metrics
@@ -241,7 +242,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         seconds["multitask"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ecfg = load_config(EvaluateConfig, overrides=[f"checkpoint={run_dir}", f"shards={shards_root}", "split=val"])
+    ecfg = load_config(EvaluateConfig, overrides=[f"checkpoint={run_dir}", f"shards={shards_root}", "split=val",
+                                                  f"results_table={os.path.join(work, 'results')}"])
     summary["evaluate"] = evaluate(ecfg)
     seconds["evaluate"] = time.perf_counter() - t
 

@@ -125,17 +125,4 @@ def evaluate_multitask(model, mc: dict, shards_root: str, split: str, class_fold
     return {"tasks": out, "img_size": img_size}
 
 
-def task_rows(results: dict) -> list[tuple[str, str]]:
-    """``(metric, value)`` rows of :func:`evaluate_multitask`'s results, for the markdown and console tables."""
-    rows = []
-    for task, m in results.get("tasks", {}).items():
-        if "skipped" in m:
-            rows.append((f"{task}", f"skipped: {m['skipped']}"))
-            continue
-        for k, v in m.items():
-            if k not in ("samples", "classes_present", "predictions", "prompt"):
-                rows.append((f"{task} {k}", f"{v:.4f}"))
-    return rows
-
-
-__all__ = ["evaluate_multitask", "task_rows"]
+__all__ = ["evaluate_multitask"]

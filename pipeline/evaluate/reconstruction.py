@@ -10,53 +10,17 @@ Two measurements, both on a deterministic central crop:
    classes against the semseg pseudo-labels at stride 4.
 
 A multitask checkpoint (encoder + task heads, ``polymae multitask``) is scored instead on each task's held-out data
-(``pipeline/evaluate/multitask.py``). Writes ``results.json`` and ``results.md`` and prints the table.
+(``pipeline/evaluate/multitask.py``). This is the ``pretrain`` protocol of ``polymae evaluate``
+(``pipeline/evaluate/job.py``), which writes the results.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 
 import torch
 
-from polymae.pipeline.config import ConfigError, field_, save_config
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateConfig:
-    """Everything ``polymae evaluate`` takes."""
-
-    checkpoint: str = field_("work/runs/pretrain", help="training run folder or released (published) folder")
-    shards: str = field_("work/shards", help="root of labelled shards")
-    split: str = field_("val", help="held-out split under `shards`")
-    output: str = field_("", help="results folder (default: {checkpoint}/eval-{split})")
-    batch_size: int = field_(8, help="samples per forward pass")
-    num_visible: int = field_(0, help="visible tokens for the reconstruction metric (0 = the training value)")
-    seed: int = field_(0, help="seed of the reconstruction masks")
-    max_samples: int = field_(0, help="stop after this many samples (0 = all)")
-    class_folder: str = field_("", help="multitask checkpoints: held-out ImageNet-style folder for classification "
-                               "tasks (default: the shards' `cls` members)")
-
-    def validate(self) -> None:
-        """Pure value checks; raises :class:`ConfigError` naming the key."""
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", "must be >= 1")
-        for key in ("num_visible", "max_samples"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-
-    def preflight(self) -> None:
-        """Local inputs exist; raises :class:`ConfigError` naming the key."""
-        from polymae.datasets import storage
-
-        if "://" not in self.checkpoint and not os.path.exists(os.path.join(self.checkpoint, "model_config.json")):
-            raise ConfigError("checkpoint", f"{self.checkpoint!r} has no model_config.json (not a run or release folder)")
-        if "://" not in self.shards and not storage.exists(self.shards):
-            raise ConfigError("shards", f"input folder {self.shards!r} does not exist")
 
 
 def _full_masks(batch: dict, mods: list[str], patch_size: int, visible: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -68,8 +32,17 @@ def _full_masks(batch: dict, mods: list[str], patch_size: int, visible: tuple[st
 
 
 @torch.no_grad()
-def evaluate(cfg: EvaluateConfig) -> dict:
-    """Run both measurements; returns the results dict (also written to ``results.json``)."""
+def run_pretrain(cfg, ctx) -> dict:
+    """The ``pretrain`` protocol: both measurements (module docstring) on ``cfg.shards``/``cfg.split``.
+
+    Args:
+        cfg: ``pipeline/evaluate/job.py`` ``EvaluateConfig``; ctx: ``pipeline/evaluate/results.py`` ``EvalContext``.
+    Returns:
+        ``{"metrics": flat {name: value}, "dataset": {...}, "reconstruction_loss": {modality: loss},
+        "rgb_to_depth": {...}, "rgb_to_semseg": {...}, ...}`` (a multitask checkpoint: ``"tasks"`` instead).
+    Raises:
+        RuntimeError: no held-out samples; FileNotFoundError: no checkpoint / shards.
+    """
     from polymae.datasets import shards
     from polymae.datasets.loader import ShardStream
     from polymae.datasets.transforms import MultiModalAugment, to_model_inputs
@@ -78,7 +51,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     model, mc = load_model(cfg.checkpoint)
     if "heads" in mc:  # a multitask checkpoint (encoder + task heads): each head on its task's held-out data
-        return _finish(cfg, _evaluate_multitask(cfg, model, mc))
+        return _evaluate_multitask(cfg, ctx, model, mc)
     pre = mc.get("pretrain", {})
     ik = mc["init_kwargs"]
     img_size = int(pre.get("img_size") or ik.get("img_size", 224))
@@ -126,66 +99,47 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         results["rgb_to_depth"] = depth_m.compute()
     if seg_m is not None and "rgb" in mods:
         results["rgb_to_semseg"] = seg_m.compute()
-    return _finish(cfg, results)
-
-
-def _evaluate_multitask(cfg: EvaluateConfig, model, mc: dict) -> dict:
-    """The results of a multitask checkpoint (``pipeline/evaluate/multitask.py``)."""
-    from polymae.pipeline.evaluate.multitask import evaluate_multitask
-
-    res = evaluate_multitask(model, mc, cfg.shards, cfg.split, cfg.class_folder, cfg.batch_size, cfg.max_samples,
-                             cfg.output or os.path.join(cfg.checkpoint, f"eval-{cfg.split}"))
-    samples = max([m.get("samples", 0) for m in res["tasks"].values()] or [0])
-    return {"checkpoint": cfg.checkpoint, "model": mc.get("name"), "shards": cfg.shards, "split": cfg.split,
-            "samples": samples, **res}
-
-
-def _finish(cfg: EvaluateConfig, results: dict) -> dict:
-    """Write ``results.json``, ``results.md`` and the config to the output folder, print the table."""
-    out_dir = cfg.output or os.path.join(cfg.checkpoint, f"eval-{cfg.split}")
-    from polymae.datasets import storage
-
-    storage.makedirs(out_dir)
-    storage.write_json_atomic(f"{out_dir}/results.json", results)
-    storage.write_bytes_atomic(f"{out_dir}/results.md", results_markdown(results).encode())
-    save_config(cfg, f"{out_dir}/config.yaml")
-    print_results(results)
-    results["output"] = out_dir
+    results["metrics"] = flat_metrics(results)
+    results["dataset"] = _dataset(cfg, urls, n)
     return results
 
 
-def _rows(results: dict) -> list[tuple[str, str]]:
-    if "tasks" in results:
-        from polymae.pipeline.evaluate.multitask import task_rows
+def _dataset(cfg, urls: list[str], n: int) -> dict:
+    """The ``dataset`` entry of the results: the split's folder, a fingerprint of its shards, the sample count."""
+    from polymae.pipeline.evaluate.results import fingerprint_files
 
-        return task_rows(results)
-    rows = [(f"reconstruction loss ({m})", f"{v:.4f}") for m, v in results["reconstruction_loss"].items()]
-    if "rgb_to_depth" in results:
-        d = results["rgb_to_depth"]
-        rows += [("RGB→depth δ1 ↑", f"{d['delta1']:.4f}"), ("RGB→depth AbsRel ↓", f"{d['abs_rel']:.4f}"),
-                 ("RGB→depth RMSE ↓", f"{d['rmse']:.4f}")]
-    if "rgb_to_semseg" in results:
-        s = results["rgb_to_semseg"]
-        rows += [("RGB→semseg mIoU ↑", f"{s['miou']:.4f}"), ("RGB→semseg pixel acc ↑", f"{s['pixel_acc']:.4f}")]
-    return rows
+    root = f"{cfg.shards.rstrip('/')}/{cfg.split}"
+    return {"path": root, "fingerprint": fingerprint_files(root, urls), "samples": {cfg.split: n}}
 
 
-def results_markdown(results: dict) -> str:
-    """The results as a markdown table (``results.md``)."""
-    lines = [f"# Evaluation of {results['model']} on {results['split']} ({results['samples']} samples)", "",
-             "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _rows(results)]
-    return "\n".join(lines) + "\n"
+def _evaluate_multitask(cfg, ctx, model, mc: dict) -> dict:
+    """The results of a multitask checkpoint (``pipeline/evaluate/multitask.py``)."""
+    from polymae.datasets import shards
+    from polymae.pipeline.evaluate.multitask import evaluate_multitask
+
+    res = evaluate_multitask(model, mc, cfg.shards, cfg.split, cfg.class_folder, cfg.batch_size, cfg.max_samples,
+                             ctx.output)
+    samples = max([m.get("samples", 0) for m in res["tasks"].values()] or [0])
+    try:
+        urls = shards.trusted_shard_urls(cfg.shards, cfg.split)
+    except FileNotFoundError:  # sequence/class-folder tasks only
+        urls = []
+    results = {"model": mc.get("name"), "shards": cfg.shards, "split": cfg.split, "samples": samples, **res}
+    results["metrics"] = flat_metrics(results)
+    results["dataset"] = _dataset(cfg, urls, samples)
+    return results
 
 
-def print_results(results: dict) -> None:
-    """Print the results as a rich table on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"evaluate: {results['model']} on {results['split']} ({results['samples']} samples)")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in _rows(results):
-        t.add_row(k, v)
-    Console().print(t)
+def flat_metrics(results: dict) -> dict[str, float]:
+    """``{"reconstruction_loss/rgb": .., "rgb_to_depth/delta1": .., "<task>/<metric>": ..}``: the numbers of a
+    ``pretrain``-protocol result, flat, for the results table."""
+    out: dict[str, float] = {}
+    for group in ("reconstruction_loss", "rgb_to_depth", "rgb_to_semseg"):
+        for k, v in results.get(group, {}).items():
+            if isinstance(v, (int, float)) and k != "samples":
+                out[f"{group}/{k}"] = float(v)
+    for task, m in results.get("tasks", {}).items():
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("samples", "classes_present"):
+                out[f"{task}/{k}"] = float(v)
+    return out

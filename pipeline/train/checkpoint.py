@@ -561,3 +561,56 @@ def load_model(source: str) -> tuple[torch.nn.Module, dict]:
     model.eval()
     log.info("loaded %s (%s)", mc.get("name"), origin)
     return model, mc
+
+
+def load_encoder(source: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """The RGB encoder of any checkpoint, for heads to be put on it (multitask training, downstream protocols).
+
+    Args:
+        source: a pretrain or multitask run folder, a release folder or URL, or an official MultiMAE/MAE file
+            (:func:`load_model`).
+    Returns:
+        ``(encoder_kwargs, state_dict, model_config)``: the ``init_kwargs`` of an RGB-only encoder
+        (``models/multitask.py`` ``encoder_init_kwargs``; a multitask checkpoint's own), the checkpoint's state dict
+        in the encoder's key names (a multitask model's ``encoder.`` prefix removed; the pre-trained model's other
+        tensors kept, ``load_encoder_state`` picks the encoder's), and the checkpoint's model_config.
+    Raises:
+        FileNotFoundError / ValueError: as :func:`load_model`.
+    """
+    from polymae.models.multitask import encoder_init_kwargs, is_multitask
+
+    model, mc = load_model(source)
+    if is_multitask(mc):
+        sd = {k.removeprefix("encoder."): v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        return dict(mc["init_kwargs"]), sd, mc
+    return encoder_init_kwargs(mc["init_kwargs"]), model.state_dict(), mc
+
+
+def weights_digest(source: str) -> str:
+    """sha256 identifying a checkpoint's weights, for results tables: a release's ``model.safetensors`` digest from
+    its manifest (or of the file), an official file's own digest, or for a run folder the sha256 of
+    ``"{tag}:{sha256 of the tag's complete.json}"`` of its newest complete tag (a run folder's weights live in
+    DeepSpeed shards; the marker is written once per tag and names the step).
+
+    Raises:
+        FileNotFoundError: neither a release file nor a complete checkpoint.
+    """
+    import hashlib
+
+    from polymae.datasets import storage
+
+    src = source.rstrip("/")
+    if src.endswith(OFFICIAL_SUFFIXES):
+        return storage.sha256_of(src)[0]
+    manifest = f"{src}/manifest.json"
+    if storage.exists(manifest):
+        for f in storage.read_json(manifest).get("files", []):
+            if f["path"] == MODEL_FILE:
+                return f["sha256"]
+    if storage.exists(f"{src}/{MODEL_FILE}"):
+        return storage.sha256_of(f"{src}/{MODEL_FILE}")[0]
+    tag, _ = resume_tag(src)
+    if tag is None:
+        raise FileNotFoundError(f"{source}: no release file and no complete checkpoint")
+    digest = storage.sha256_of(os.path.join(src, CHECKPOINTS_DIR, tag, MARKER_FILE))[0]
+    return hashlib.sha256(f"{tag}:{digest}".encode()).hexdigest()

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from polymae.pipeline.config import ConfigError, save_config
-from polymae.pipeline.train.checkpoint import MODEL_CONFIG, Checkpointer, load_model, prepare_universal, resume_plan
+from polymae.pipeline.train.checkpoint import MODEL_CONFIG, Checkpointer, load_encoder, prepare_universal, resume_plan
 from polymae.pipeline.train.metrics_log import MetricsLogger
 from polymae.pipeline.train.mt_adamw import MTAdamW
 from polymae.pipeline.train.multitask_config import MultitaskConfig
@@ -242,16 +242,11 @@ class MultitaskTrainer:
 
     def _build_model(self) -> torch.nn.Module:
         """The encoder of ``cfg.encoder`` (weights loaded) and one head per task, heads seeded by ``train.seed``."""
-        from polymae.models.multitask import MultiTaskModel, encoder_init_kwargs, is_multitask, load_encoder_state
+        from polymae.models.multitask import MultiTaskModel, load_encoder_state
         from polymae.patches import global_torch_seed
 
         cfg = self.cfg
-        pretrained, mc = load_model(cfg.encoder)
-        if is_multitask(mc):  # continuing from a multitask model: its encoder
-            enc_kwargs, sd = dict(mc["init_kwargs"]), {k.removeprefix("encoder."): v for k, v in
-                                                       pretrained.state_dict().items() if k.startswith("encoder.")}
-        else:
-            enc_kwargs, sd = encoder_init_kwargs(mc["init_kwargs"]), pretrained.state_dict()
+        enc_kwargs, sd, mc = load_encoder(cfg.encoder)  # a pretrain/multitask run, a release or an official file
         patch = int(enc_kwargs.get("patch_size", 16))
         if cfg.img_size % patch:
             raise ConfigError("img_size", f"{cfg.img_size} is not a multiple of the encoder's patch size {patch}")

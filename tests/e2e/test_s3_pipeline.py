@@ -98,7 +98,7 @@ def test_label_pretrain_publish_evaluate_through_s3(s3_env, tmp_path, photo_writ
     from polymae.datasets import shards as S
     from polymae.datasets import storage
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.evaluate.job import EvaluateConfig, evaluate
     from polymae.pipeline.publish import PublishConfig, publish, verify_release
     from polymae.pipeline.train.checkpoint import consolidate, load_model
     from polymae.pipeline.train.metrics_log import read_metrics

@@ -51,7 +51,7 @@ def mad_run(tmp_path_factory):
 
 def test_each_sequence_task_loss_falls_and_evaluate_computes_ap(mad_run, tmp_path):
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.evaluate.job import EvaluateConfig, evaluate
 
     coco, _, run, _ = mad_run
     rows = read_metrics(run)

@@ -136,7 +136,7 @@ def test_sigkill_in_a_save_then_resume_matches_uninterrupted(mt_inputs, tmp_path
 
 def test_run_folder_metrics_publish_and_evaluate(mt_inputs, single, tmp_path):
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.evaluate.job import EvaluateConfig, evaluate
     from polymae.pipeline.publish import PublishConfig, publish, verify_release
 
     shards, _, held_out, _, _ = mt_inputs

@@ -29,7 +29,7 @@ def test_publish_to_s3_then_evaluate_from_s3(trained_run, moto_s3, synthetic_sha
 
     from polymae.pipeline.train.checkpoint import consolidate, load_model
     from polymae.pipeline.config import load_config
-    from polymae.pipeline.evaluate.reconstruction import EvaluateConfig, evaluate
+    from polymae.pipeline.evaluate.job import EvaluateConfig, evaluate
     from polymae.pipeline.publish import PublishConfig, publish, verify_release
 
     s3 = boto3.client("s3")

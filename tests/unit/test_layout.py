@@ -19,7 +19,8 @@ CODE_FOLDERS = ("models", "datasets", "pipeline", "jobs")
 PIPELINE_JOBS = ("label", "train", "evaluate", "publish")
 CROSS_JOB_IMPORTS = {
     # evaluate and publish read what training writes: a run folder's checkpoint and metrics.
-    ("evaluate", "polymae.pipeline.train.checkpoint"): {"load_model", "read_model_config"},
+    ("evaluate", "polymae.pipeline.train.checkpoint"): {"load_encoder", "load_model", "read_model_config",
+                                                       "weights_digest"},
     ("publish", "polymae.pipeline.train.checkpoint"): {"ENCODER_FILE", "MODEL_CONFIG", "MODEL_FILE", "consolidate",
                                                       "read_model_config"},
     ("publish", "polymae.pipeline.train.metrics_log"): {"read_metrics"},

@@ -1,0 +1,101 @@
+"""The results table (parquet + markdown), --compare, dataset fingerprints and checkpoint digests."""
+
+import json
+import os
+
+import pytest
+
+from polymae.pipeline.evaluate import results as R
+
+pytestmark = pytest.mark.unit
+
+
+def _res(ckpt: str, metrics: dict, sha: str = "a" * 64) -> dict:
+    return {"checkpoint": ckpt, "checkpoint_sha256": sha, "created": "2026-12-05T00:00:00+00:00",
+            "metrics": metrics, "dataset": {"path": "/d", "fingerprint": "f" * 64}}
+
+
+def test_rows_append_replace_and_pivot(tmp_path):
+    table = str(tmp_path / "table")
+    R.append_table(table, R.table_rows("linear_probe", _res("A", {"top1": 0.5, "top5": 0.9})))
+    R.append_table(table, R.table_rows("linear_probe", _res("B", {"top1": 0.7, "top5": 1.0})))
+    R.append_table(table, R.table_rows("depth", _res("A", {"delta1": 0.25})))
+    # a re-run of (A, linear_probe) replaces its two rows, keeps the others
+    R.append_table(table, R.table_rows("linear_probe", _res("A", {"top1": 0.6, "top5": 0.95})))
+    rows = R.read_table(table)
+    assert len(rows) == 5
+    cols, lines = R.pivot(rows, ["B", "A"])
+    assert cols == ["B", "A"]
+    assert lines == [("depth", "delta1", [None, 0.25]), ("linear_probe", "top1", [0.7, 0.6]),
+                     ("linear_probe", "top5", [1.0, 0.95])]
+    md = open(os.path.join(table, "results.md")).read()
+    assert "| linear_probe | top1 | 0.6000 | 0.7000 |" in md and "| depth | delta1 | 0.2500 | – |" in md
+    with pytest.raises(KeyError, match="no results for \\['C'\\]"):
+        R.pivot(rows, ["A", "C"])
+
+
+def test_compare_cli_prints_side_by_side_and_fails_on_unknown(tmp_path, capsys):
+    from polymae.jobs.evaluate import main
+
+    table = str(tmp_path / "t")
+    R.append_table(table, R.table_rows("linear_probe", _res("runs/a", {"top1": 0.125})))
+    R.append_table(table, R.table_rows("linear_probe", _res("runs/b", {"top1": 0.875})))
+    assert main(["--compare", "runs/a", "runs/b", f"results_table={table}"]) == 0
+    out = capsys.readouterr().out
+    assert "0.1250" in out and "0.8750" in out and out.index("runs/a") < out.index("runs/b")
+    assert main(["--compare", "runs/zzz", f"results_table={table}"]) == 1
+    assert "runs/zzz" in capsys.readouterr().err
+    assert main(["--compare", f"results_table={tmp_path / 'none'}"]) == 1
+
+
+def test_fingerprint_changes_with_names_and_sizes(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    for n in ("a.png", "b.png"):
+        (d / n).write_bytes(b"x" * 10)
+    paths = [str(d / "a.png"), str(d / "b.png")]
+    f0 = R.fingerprint_files(str(d), paths)
+    assert f0 == R.fingerprint_files(str(d), list(reversed(paths)))  # order-free
+    (d / "b.png").write_bytes(b"x" * 11)
+    f1 = R.fingerprint_files(str(d), paths)
+    os.rename(d / "b.png", d / "c.png")
+    f2 = R.fingerprint_files(str(d), [str(d / "a.png"), str(d / "c.png")])
+    assert len({f0, f1, f2}) == 3
+    with pytest.raises(FileNotFoundError):
+        R.fingerprint_files(str(d), [str(d / "gone.png")])
+
+
+def test_weights_digest_of_a_release_and_a_file(tmp_path):
+    import hashlib
+
+    from polymae.pipeline.train.checkpoint import weights_digest
+
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "model.safetensors").write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert weights_digest(str(rel)) == digest  # no manifest: the file's own digest
+    (rel / "manifest.json").write_text(json.dumps({"files": [{"path": "model.safetensors", "sha256": "m" * 64}]}))
+    assert weights_digest(str(rel)) == "m" * 64  # the manifest's record
+    f = tmp_path / "mae.pth"
+    f.write_bytes(b"official")
+    assert weights_digest(str(f)) == hashlib.sha256(b"official").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        weights_digest(str(tmp_path / "empty-run"))
+
+
+def test_save_picture_writes_png_and_tensorboard(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ctx = R.EvalContext(checkpoint="c", output=str(tmp_path / "out"))
+    img = np.zeros((8, 12, 3), np.uint8)
+    img[:, :6] = 255
+    url = ctx.save_picture("depth/val-0", img)
+    ctx.close()
+    back = np.asarray(Image.open(url))
+    assert back.shape == (8, 12, 3) and (back == img).all()
+    assert ctx.pictures == ["pictures/depth/val-0.png"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "out" / "tb"))
+    with pytest.raises(ValueError, match="uint8"):
+        ctx.save_picture("bad", img.astype(np.float32))
