@@ -83,7 +83,8 @@ class MTAdamW(torch.optim.Optimizer):
             raise ValueError(f"lr, eps and weight_decay must be >= 0: {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1): {betas}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, task=None, mt_step=0)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, task=None, mt_step=0,
+                        m_scale=1.0)
         super().__init__(params, defaults)
         self.grad_norm, self.norm_eps, self.fused = grad_norm, norm_eps, fused
         self.active: tuple[str, float, float] | None = None
@@ -163,6 +164,8 @@ class MTAdamW(torch.optim.Optimizer):
         """The update of one group with gradient scale ``scale`` = ``omega_k / ||grad||``: the fused kernel
         (:meth:`_update_group_fused`) or multi-tensor ``torch._foreach_*`` ops with ``scale`` folded into the
         moments' weights (the gradients are read, never written)."""
+        if group["params"] and self._use_fused(group["params"]):
+            self._advance_m_scale(group, prob)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -179,6 +182,10 @@ class MTAdamW(torch.optim.Optimizer):
         if self._use_fused(params):
             self._update_group_fused(group, params, m, v, scale, prob)
             return
+        if group.get("m_scale", 1.0) != 1.0:  # the group went through the fused path before: true moments first
+            held = [self.state[p]["exp_avg"] for p in group["params"] if "exp_avg" in self.state.get(p, {})]
+            torch._foreach_mul_(held, 1.0 / group["m_scale"])
+            group["m_scale"] = 1.0
         grads = [p.grad for p in params]  # the normalisation ``scale`` is folded into the moments' weights
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
@@ -192,33 +199,57 @@ class MTAdamW(torch.optim.Optimizer):
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
 
-    def _update_group_fused(self, group: dict, params: list, m: list, v: list, scale: float, prob: float) -> None:
-        """The same update through ``torch._fused_adamw_`` (one pass over parameters, gradients and moments).
+    def _advance_m_scale(self, group: dict, prob: float) -> None:
+        """Move the group's first-moment scale ``m_scale`` (:meth:`_update_group_fused`) once per optimizer step
+        (DeepSpeed ZeRO-3 calls :meth:`step` once per sub-group), and rescale the stored moment of each of its
+        parameters without a gradient this step, once, so that its true moment ``exp_avg / m_scale`` is unchanged."""
+        t = group["mt_step"]
+        if group.get("m_scale_step") != t:
+            a = float(group.get("m_scale", 1.0))
+            beta1 = group["betas"][0]
+            group["m_scale_prev"], group["m_scale_step"] = a, t
+            group["m_scale"] = 1.0 / (beta1 / a + (1.0 - beta1) / math.sqrt(prob))
+        ratio = group["m_scale"] / group["m_scale_prev"]
+        for p in group["params"]:
+            state = self.state.get(p, {})
+            if p.grad is None and "exp_avg" in state and state.get("m_scale_step") != t:
+                state["exp_avg"].mul_(ratio)
+                state["m_scale_step"] = t
 
-        The kernel computes AdamW with gradient ``g'``, learning rate ``lr'``, decay ``wd'`` and ``eps``. With
-        ``g' = scale * g / sqrt(s_k)`` (the kernel divides by ``grad_scale = sqrt(s_k) / scale``), ``v`` gets
-        exactly ``(1 - beta2) / s_k * (scale g)^2``. The first moment is stored as ``m`` but handed to the kernel as
-        ``sqrt(s_k) * m``: the kernel returns ``sqrt(s_k) * (beta1 m + (1 - beta1) / s_k * scale g)``, which is
-        scaled back. The parameter step then reads ``sqrt(s_k) m_t``, so ``lr' = lr / sqrt(s_k)`` and, for the same
-        decay ``lr * wd``, ``wd' = wd * sqrt(s_k)``. Bias correction uses the global step ``t`` (the kernel's step
-        tensors are set to it). Two passes over ``m`` are added when ``s_k < 1``."""
+    def _update_group_fused(self, group: dict, params: list, m: list, v: list, scale: float, prob: float) -> None:
+        """The same update in ONE call of ``torch._fused_adamw_`` (one pass over parameters, gradients and moments).
+
+        The kernel computes AdamW with its own ``beta1'``, gradient ``g' = g / grad_scale``, ``lr'``, ``wd'``,
+        ``eps'`` and step count. Take ``g' = scale * g / sqrt(s_k)``: with ``beta2' = beta2``, ``v`` gets exactly
+        ``(1 - beta2) / s_k * (scale g)^2``. The first moment is stored as ``M = a * m`` with a per-group scalar
+        ``a`` (``group["m_scale"]``, 1 until a task with ``s_k < 1`` is drawn): the kernel's
+        ``M' = beta1' M + (1 - beta1') g'`` equals ``a' * (beta1 m + (1 - beta1) / s_k * scale g)`` for
+        ``a' = 1 / (beta1 / a + (1 - beta1) / sqrt(s_k))`` and ``beta1' = beta1 a' / a``, so ``a`` stays between
+        ``min sqrt(s_k)`` and 1. The kernel's step count is fixed at 1 and the true bias corrections (global step
+        ``t``), ``1 / a`` and the kernel's own corrections are folded into ``lr'`` and ``eps'``; ``wd' = lr wd /
+        lr'`` keeps the decoupled decay ``lr * wd``. The true first moment is ``exp_avg / m_scale`` (the foreach
+        path restores it first, should a group change path)."""
         beta1, beta2 = group["betas"]
         root = math.sqrt(prob)
+        t = group["mt_step"]
+        a, a_new = group["m_scale_prev"], group["m_scale"]
+        beta1_k = beta1 * a_new / a
+        bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+        bc1_k, bc2_k = 1.0 - beta1_k, 1.0 - beta2  # the kernel's corrections at its step count 1
+        ratio = math.sqrt(bc2 / bc2_k)
+        lr_k = group["lr"] * ratio * bc1_k / (bc1 * a_new)
         steps = []
         for p in params:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["step"].fill_(float(group["mt_step"]))
+            state["step"].fill_(1.0)
             steps.append(state["step"])
-        if prob != 1.0:
-            torch._foreach_mul_(m, root)
         grad_scale = torch.tensor(root / scale, dtype=torch.float32, device=params[0].device)
-        torch._fused_adamw_(params, [p.grad for p in params], m, v, [], steps, lr=group["lr"] / root, beta1=beta1,
-                            beta2=beta2, weight_decay=group["weight_decay"] * root, eps=group["eps"], amsgrad=False,
-                            maximize=False, grad_scale=grad_scale, found_inf=None)
-        if prob != 1.0:
-            torch._foreach_mul_(m, 1.0 / root)
+        wd_k = group["lr"] * group["weight_decay"] / lr_k if lr_k else 0.0
+        torch._fused_adamw_(params, [p.grad for p in params], m, v, [], steps, lr=lr_k, beta1=beta1_k, beta2=beta2,
+                            weight_decay=wd_k, eps=group["eps"] * ratio, amsgrad=False, maximize=False,
+                            grad_scale=grad_scale, found_inf=None)
 
 
 __all__ = ["MTAdamW"]

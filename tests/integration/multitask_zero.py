@@ -19,13 +19,22 @@ from polymae.pipeline.train.multitask_config import MultitaskConfig
 
 def snapshot(trainer: MultitaskTrainer, task: str) -> list[torch.Tensor]:
     """Task ``task``'s head: its module parameters, then every tensor MT-AdamW holds for its groups (the groups'
-    parameters, which are ZeRO's flat fp32 partitions at stages 1-2, and their moments), copied."""
-    out = [p.detach().clone() for p in trainer.engine.module.heads[task].parameters()]
-    for g in trainer.optimizer.param_groups:
-        if g.get("task") == task:
-            for p in g["params"]:
-                out.append(p.detach().clone())
-                out += [v.clone() for v in trainer.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    parameters, which are ZeRO's flat fp32 partitions at stages 1-2, and their moments), copied. At ZeRO-3 a module
+    parameter is this rank's partition (``ds_tensor``; the full tensor may or may not be gathered at the time), and
+    the optimizer's tensors are the fp32 partitions of the sub-groups that hold only this head's parameters."""
+    params = list(trainer.engine.module.heads[task].parameters())
+    out = [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in params]
+    zero = trainer.engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: the optimizer sees one sub-group at a time
+        own = {id(p) for p in params}
+        flats = [f for group, f in zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)
+                 if group and all(id(p) in own for p in group)]
+        assert flats, f"no ZeRO-3 sub-group holds only {task}'s head"
+    else:
+        flats = [p for g in trainer.optimizer.param_groups if g.get("task") == task for p in g["params"]]
+    for p in flats:
+        out.append(p.detach().clone())
+        out += [v.clone() for v in trainer.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
     return out
 
 

@@ -91,15 +91,16 @@ def _rel(a: dict, b: dict) -> float:
                for k in a)
 
 
-def test_zero0_and_zero2_on_2_ranks_equal_one_process_and_leave_other_heads_untouched(mt_inputs, single):
+@pytest.mark.parametrize("stages", ["0,2", "1,3"])
+def test_zero_stages_on_2_ranks_equal_one_process_and_leave_other_heads_untouched(mt_inputs, single, stages):
     shards, classes, _, encoder, root = mt_inputs
     args = multitask_args(shards, classes, encoder, str(root / "OUT"), STEPS)
-    r = subprocess.run(_torchrun([ZERO_SCRIPT, json.dumps(args), "0,2"]), capture_output=True, text=True,
+    r = subprocess.run(_torchrun([ZERO_SCRIPT, json.dumps(args), stages]), capture_output=True, text=True,
                        env=train_env(), timeout=600, cwd=str(root))
     assert r.returncode == 0, r.stderr[-5000:]
     rows = {row["stage"]: row for row in map(json.loads, [ln for ln in r.stdout.splitlines() if ln.startswith("{")])}
-    assert sorted(rows) == [0, 2], r.stdout[-2000:]
-    assert set(rows[0]["drawn"]) == {"depth", "semseg", "cls"}
+    assert sorted(rows) == [int(s) for s in stages.split(",")], r.stdout[-2000:]
+    assert all(set(row["drawn"]) == {"depth", "semseg", "cls"} for row in rows.values())
     ref, _ = consolidate(single)
     ref_losses = [r["loss"] for r in read_metrics(single)]
     for stage, row in rows.items():

@@ -169,7 +169,7 @@ def test_sampling_probs_errors():
 
 
 def test_the_fused_kernel_path_equals_the_foreach_path_and_the_formula():
-    """float32 parameters: torch's fused AdamW kernel (with the s_k rescaling of the first moment) and the
+    """float32 parameters: torch's fused AdamW kernel (first moment stored times m_scale) and the
     foreach path give the same parameters and moments over 3 steps of 2 tasks, and both match the float64
     element-wise reference to float32 precision."""
     rng = np.random.default_rng(1)
@@ -193,10 +193,51 @@ def test_the_fused_kernel_path_equals_the_foreach_path_and_the_formula():
             opt.step()
         runs.append((params, opt))
     (pf, of), (pe, oe) = runs
+    group_of = {"shared": 0, "depth": 1, "semseg": 2}
+    # the fused path stores the first moment times the group's m_scale (one kernel pass per step, no rescaling)
+    assert of.param_groups[0]["m_scale"] != 1.0 and oe.param_groups[0]["m_scale"] == 1.0
     for k in SHAPES:
         for i, (a, b) in enumerate(zip(pf[k], pe[k])):
+            m_fused = of.state[a]["exp_avg"].numpy() / of.param_groups[group_of[k]]["m_scale"]
             np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(of.state[a]["exp_avg"].numpy(), oe.state[b]["exp_avg"].numpy(), rtol=1e-5,
-                                       atol=1e-8)
+            np.testing.assert_allclose(m_fused, oe.state[b]["exp_avg"].numpy(), rtol=1e-5, atol=1e-8)
             np.testing.assert_allclose(a.detach().numpy(), ref[k][i], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(of.state[a]["exp_avg"].numpy(), m_ref[k][i], rtol=1e-4, atol=1e-8)
+            np.testing.assert_allclose(m_fused, m_ref[k][i], rtol=1e-4, atol=1e-8)
+
+
+def test_fused_path_per_sub_group_steps_and_idle_parameters_keep_the_true_moments():
+    """ZeRO-3 calls step() once per sub-group of a param group (its ``params`` swapped in turn): the fused path's
+    first-moment scale moves once per optimizer step, so two sub-group calls equal one call on both tensors; a
+    parameter of the group without a gradient keeps its true moment (exp_avg / m_scale) and its value."""
+    torch.manual_seed(0)
+    a0, b0, c0 = (torch.randn(5) for _ in range(3))
+    grads = [(torch.randn(5), torch.randn(5), torch.randn(5)) for _ in range(3)]
+
+    def run(split: bool):
+        a, b, c = (torch.nn.Parameter(x.clone()) for x in (a0, b0, c0))
+        opt = MTAdamW([{"params": [a, b, c]}], lr=0.01, weight_decay=0.05, fused=True)
+        for i, (ga, gb, gc) in enumerate(grads):
+            a.grad, b.grad = ga.clone(), gb.clone()
+            c.grad = gc.clone() if i == 0 else None  # c trains at the first step only
+            opt.set_task("x", 0.3, 1.0)
+            opt.last_norm = float(torch.cat([ga, gb] + ([gc] if i == 0 else [])).norm())
+            if split:
+                for sub in ([a], [b], [c]):
+                    opt.param_groups[0]["params"] = sub
+                    opt.step()
+                opt.param_groups[0]["params"] = [a, b, c]
+            else:
+                opt.step()
+        return (a, b, c), opt
+
+    (pa, pb, pc), o1 = run(False)
+    (qa, qb, qc), o2 = run(True)
+    for x, y in ((pa, qa), (pb, qb), (pc, qc)):
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+    scale = o1.param_groups[0]["m_scale"]
+    assert scale == o2.param_groups[0]["m_scale"] and scale < 1.0
+    # c's true moment after step 1 = (1 - beta1) / s * g_c / ||g||, then untouched by steps 2-3
+    g0 = torch.cat(grads[0]).norm()
+    expected = 0.1 / 0.3 * grads[0][2] / g0
+    assert torch.allclose(o1.state[pc]["exp_avg"] / scale, expected, rtol=1e-5)
+    assert torch.allclose(o2.state[qc]["exp_avg"] / scale, expected, rtol=1e-5)
