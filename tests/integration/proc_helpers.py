@@ -17,3 +17,19 @@ def session_members(sid: int) -> list[int]:
             if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
                 out.append(int(d))
     return out
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

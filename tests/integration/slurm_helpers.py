@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_helpers import free_ports  # noqa: F401 (also used by test_slurm.py)
+
 SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "srun")
 #: job states after which a job does not run again (by itself)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -32,20 +34,6 @@ def missing_binaries() -> list[str]:
     """The Slurm/munge programs of :data:`SLURM_BINARIES` not on PATH (or in /usr/sbin)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     return [b for b in SLURM_BINARIES if shutil.which(b, path=path) is None]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def slurm_conf(root: Path, node: str, cpus: int, ctld_port: int, slurmd_port: int) -> str:

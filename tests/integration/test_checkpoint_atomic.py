@@ -15,16 +15,15 @@ cases cost one start-up each: with a save every step,
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from polymae.pipeline.train.checkpoint import KILL_ENV, LATEST_FILE, MARKER_FILE, scan_tags, step_tag
+from polymae.pipeline.train.checkpoint import LATEST_FILE, MARKER_FILE, scan_tags, step_tag
 from polymae.pipeline.train.metrics_log import read_metrics
 
-from train_helpers import free_port, torchrun_cmd, train_env
+from train_helpers import free_port, run_job_killable, torchrun_cmd, train_env
 
 pytestmark = pytest.mark.integration
 
@@ -37,20 +36,7 @@ COMMON = ["data.img_size=32", "model.num_visible=4", "data.num_workers=1", "data
 
 def _run(args: list[str], kill: str | None = None) -> subprocess.CompletedProcess:
     """A 2-rank torchrun of the pretrain job (INFO logs on stderr); ``kill`` = the fault-injection value."""
-    env = {**train_env(), "POLYMAE_LOG_LEVEL": "INFO", **({KILL_ENV: kill} if kill else {})}
-    proc = subprocess.Popen(torchrun_cmd(2, args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if kill:
-        assert proc.returncode != 0 and "fault injection" in err, err[-3000:]
-    else:
-        assert proc.returncode == 0, err[-6000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, None, err)
+    return run_job_killable(torchrun_cmd(2, args), kill)
 
 
 def _state(run: str) -> tuple[list[int], list[int], str]:

@@ -16,26 +16,13 @@ from pathlib import Path
 import pytest
 
 from polymae.datasets import shards as S
-from proc_helpers import session_members
+from proc_helpers import free_ports, session_members
 
 pytestmark = pytest.mark.integration
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +36,7 @@ def ray_head(tmp_path_factory):
     if not (BIN / "ray").exists():
         pytest.skip("the ray CLI is not installed")
     root = tmp_path_factory.mktemp("rayhead")
-    gcs, dash, client, agent = _free_ports(4)
+    gcs, dash, client, agent = free_ports(4)
     env = {**os.environ, **RAY_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     # a short temp dir: Ray's unix socket paths must stay under 107 characters

@@ -8,18 +8,17 @@ on an ImageNet-style folder), a 4-block 32-wide encoder at 32 px, 6 steps.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from polymae.pipeline.train.checkpoint import KILL_ENV, consolidate, load_model, scan_tags
+from polymae.pipeline.train.checkpoint import consolidate, load_model, scan_tags
 from polymae.pipeline.train.metrics_log import read_metrics
 
 from multitask_helpers import multitask_args, write_class_folder, write_tiny_encoder
-from train_helpers import free_port, train_env
+from train_helpers import free_port, run_job_killable, train_env
 
 pytestmark = pytest.mark.integration
 
@@ -36,20 +35,7 @@ def _job(args: list[str], nproc: int, kill: str | None = None, timeout: int = 30
     """The multitask job on ``nproc`` ranks (1: a plain process) in its own session; ``kill``: fault injection."""
     cmd = _torchrun(["-m", "polymae.jobs.multitask", *args], nproc) if nproc > 1 else \
         [sys.executable, "-m", "polymae.jobs.multitask", *args]
-    env = {**train_env(), "POLYMAE_LOG_LEVEL": "INFO", **({KILL_ENV: kill} if kill else {})}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if kill:
-        assert proc.returncode != 0 and "fault injection" in err, err[-3000:]
-    else:
-        assert proc.returncode == 0, err[-6000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, None, err)
+    return run_job_killable(cmd, kill, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,30 @@ def run_pretrain(nproc: int, args: list[str], timeout: int = 600) -> subprocess.
     return r
 
 
+def run_job_killable(cmd: list[str], kill: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``cmd`` (a training job) in its own session with INFO logs on stderr; ``kill`` = the fault-injection point
+    (``POLYMAE_TEST_KILL_AT``), after which the job must have failed by it; else it must succeed. The whole
+    session is SIGKILLed on a timeout. Returns the process with its stderr."""
+    import signal
+
+    from polymae.pipeline.train.checkpoint import KILL_ENV
+
+    env = {**train_env(), "POLYMAE_LOG_LEVEL": "INFO", **({KILL_ENV: kill} if kill else {})}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if kill:
+        assert proc.returncode != 0 and "fault injection" in err, err[-3000:]
+    else:
+        assert proc.returncode == 0, err[-6000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, None, err)
+
+
 def wait_for(pred, timeout: float, every: float = 0.2) -> bool:
     end = time.time() + timeout
     while time.time() < end:
