@@ -26,10 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from polymae.pipeline.config import ConfigError, field_
+from polymae.pipeline.evaluate.classification import FinetuneConfig, LinearProbeConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class EvaluateConfig:
     class_folder: str = field_("", help="pretrain protocol, multitask checkpoints: held-out ImageNet-style folder "
                                "for classification tasks (default: the shards' `cls` members)")
     pictures: int = field_(4, help="pretrain protocol: validation images drawn as MultiMAE-style reconstructions")
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         """Pure value checks; raises :class:`ConfigError` naming the key."""
@@ -107,6 +110,11 @@ def _run_protocol(cfg: EvaluateConfig, ctx) -> dict:
         from polymae.pipeline.evaluate.reconstruction import run_pretrain
 
         return run_pretrain(cfg, ctx)
+    if cfg.protocol in ("linear_probe", "finetune"):
+        from polymae.pipeline.evaluate.classification import run_finetune, run_linear_probe
+
+        run = run_linear_probe if cfg.protocol == "linear_probe" else run_finetune
+        return run(getattr(cfg, cfg.protocol), ctx)
     raise ConfigError("protocol", f"{cfg.protocol!r} is not available in this build")
 
 
