@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["fp32_region", "patchify", "unpatchify", "standardize_depth", "norm_pix_target", "masked_mean",
-           "masked_mse_loss", "masked_l1_loss", "masked_cross_entropy_loss"]
+           "masked_mse_loss", "masked_l1_loss", "masked_cross_entropy_loss", "berhu_loss"]
 
 
 def fp32_region(t: torch.Tensor) -> torch.autocast:
@@ -262,3 +262,41 @@ def masked_cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, mask: 
         loss_sum = patchify(pix, patch).sum(dim=-1)
         count = patchify(valid, patch).sum(dim=-1)
         return masked_mean(loss_sum, count, mask)
+
+
+def berhu_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, c_fraction: float = 0.2,
+               eps: float = 1e-6) -> torch.Tensor:
+    """The reverse Huber ("berHu") loss of Laina et al. 2016 ("Deeper Depth Prediction with Fully Convolutional
+    Residual Networks", Sec. 3.2, Eq. 1), averaged over the valid pixels of the batch:
+
+    ``B(x) = |x|`` if ``|x| <= c``, else ``(x² + c²) / (2c)``, with residual ``x = pred - target`` and
+    ``c = c_fraction · max |x|`` over the valid pixels of the whole batch (``c_fraction = 1/5`` in the paper),
+    detached. L1 for small residuals, scaled L2 for large ones; continuous (value and slope) at ``|x| = c``.
+
+    Units: those of ``target`` (the dense protocol uses metric depth in metres, MultiMAE's NYUv2 setting); the
+    loss has the same unit. Computed in float32 with autocast off, with masked arithmetic only (no host read).
+
+    Args:
+        pred: ``[B, 1, H, W]`` (any shape) prediction.
+        target: same shape, ground truth; values at invalid pixels are ignored (may be 0, NaN or inf).
+        valid: bool, same shape: the pixels that count.
+        c_fraction: ``c`` as a fraction of the batch's largest absolute residual (> 0).
+        eps: lower bound of ``c`` (a perfect batch would otherwise divide by 0).
+    Returns:
+        scalar float32: mean of ``B`` over valid pixels (an exact 0 connected to ``pred`` when none is valid).
+    Raises:
+        ValueError: ``pred``, ``target`` and ``valid`` shapes differ, or ``c_fraction <= 0``.
+    """
+    if pred.shape != target.shape or valid.shape != pred.shape:
+        raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and valid {tuple(valid.shape)} "
+                         f"must have one shape")
+    if c_fraction <= 0:
+        raise ValueError(f"c_fraction must be > 0, got {c_fraction}")
+    with fp32_region(pred):
+        p = pred.float()
+        t = torch.where(valid, target.float(), p.detach())  # invalid pixels: residual 0, no NaN leaks in
+        r = (p - t).abs()
+        c = (c_fraction * r.detach().amax()).clamp_min(eps)
+        per_pixel = torch.where(r <= c, r, (r * r + c * c) / (2 * c))
+        per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
+        return per_pixel.sum() / valid.sum().clamp_min(1).to(per_pixel.dtype)

@@ -31,6 +31,7 @@ from typing import Literal
 
 from polymae.pipeline.config import ConfigError, field_
 from polymae.pipeline.evaluate.classification import FinetuneConfig, LinearProbeConfig
+from polymae.pipeline.evaluate.dense import DepthConfig, SemsegConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class EvaluateConfig:
     pictures: int = field_(4, help="pretrain protocol: validation images drawn as MultiMAE-style reconstructions")
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    semseg: SemsegConfig = field(default_factory=SemsegConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
 
     def validate(self) -> None:
         """Pure value checks; raises :class:`ConfigError` naming the key."""
@@ -85,6 +88,10 @@ class EvaluateConfig:
             raise ConfigError("checkpoint", f"{ckpt!r} does not exist")
         if self.protocol == "pretrain" and "://" not in self.shards and not storage.exists(self.shards):
             raise ConfigError("shards", f"input folder {self.shards!r} does not exist")
+        if self.protocol in ("semseg", "depth"):
+            from polymae.pipeline.evaluate.dense import preflight_dense
+
+            preflight_dense(getattr(self, self.protocol))
         if self.device.startswith("cuda"):
             import torch
 
@@ -115,6 +122,10 @@ def _run_protocol(cfg: EvaluateConfig, ctx) -> dict:
 
         run = run_linear_probe if cfg.protocol == "linear_probe" else run_finetune
         return run(getattr(cfg, cfg.protocol), ctx)
+    if cfg.protocol in ("semseg", "depth"):
+        from polymae.pipeline.evaluate.dense import run_depth, run_semseg
+
+        return (run_semseg if cfg.protocol == "semseg" else run_depth)(getattr(cfg, cfg.protocol), ctx)
     raise ConfigError("protocol", f"{cfg.protocol!r} is not available in this build")
 
 
