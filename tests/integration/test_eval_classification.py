@@ -11,7 +11,6 @@ tiny random-weight MultiMAE release (4 blocks, 32 wide, 32 px; ``multitask_helpe
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,8 @@ from polymae.pipeline.config import ConfigError
 from polymae.pipeline.evaluate.classification import (FinetuneConfig, LinearProbeConfig, build_classifier,
                                                       run_finetune, run_linear_probe)
 from polymae.pipeline.evaluate.results import EvalContext, fingerprint_files
+
+from polymae.datasets.samples import write_class_split, write_lfw_faces
 
 from multitask_helpers import write_tiny_encoder
 
@@ -36,23 +37,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _write_split_folder(root: str, images, labels, names, train_fraction: float = 0.8) -> str:
-    """``{root}/{train,val}/{class name}/{i}.png`` from float ``[0, 1]`` gray images, the first ``train_fraction`` of
-    each class in train, the rest in val, upsampled to 32 px (bicubic)."""
-    from PIL import Image
-
-    labels = np.asarray(labels)
-    for c, name in enumerate(names):
-        idx = np.flatnonzero(labels == c)
-        cut = int(round(len(idx) * train_fraction))
-        for j, i in enumerate(idx):
-            d = os.path.join(root, "train" if j < cut else "val", name)
-            os.makedirs(d, exist_ok=True)
-            arr = (np.clip(images[i], 0, 1) * 255).round().astype(np.uint8)
-            Image.fromarray(arr).resize((IMG, IMG), Image.BICUBIC).save(os.path.join(d, f"{i:04d}.png"))
-    return root
-
-
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> str:
     return write_tiny_encoder(str(tmp_path_factory.mktemp("tiny_encoder")), seed=0)
@@ -60,12 +44,8 @@ def encoder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def lfw(tmp_path_factory) -> str:
-    """lfw_subset: 100 faces then 100 non-faces (25x25 gray) -> 160 train / 40 val images."""
-    import skimage.data
-
-    images = skimage.data.lfw_subset()
-    return _write_split_folder(str(tmp_path_factory.mktemp("lfw")), images, [0] * 100 + [1] * 100,
-                               ["faces", "nonfaces"])
+    """lfw_subset: 100 faces then 100 non-faces (25x25 gray) -> 160 train / 40 val images at 32 px."""
+    return write_lfw_faces(str(tmp_path_factory.mktemp("lfw")), size=IMG)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +54,8 @@ def digits(tmp_path_factory) -> str:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return _write_split_folder(str(tmp_path_factory.mktemp("digits")), d.images / 16.0, d.target,
-                               [str(k) for k in range(10)])
+    return write_class_split(str(tmp_path_factory.mktemp("digits")), d.images / 16.0, d.target,
+                             [str(k) for k in range(10)], size=IMG)
 
 
 def _ctx(checkpoint: str, tmp_path, batch_size: int = 64) -> EvalContext:

@@ -17,71 +17,11 @@ import os
 import numpy as np
 import pytest
 
+from polymae.datasets.samples import write_horse_ade20k, write_motorcycle_nyuv2
+
 pytestmark = pytest.mark.integration
 
-F_PX, BASELINE_MM, DOFFS_PX = 994.978, 193.001, 31.086
 IMG = 64  # protocol input side (4 x 4 patches of the 16-px tiny encoder)
-
-
-def motorcycle_depth_mm() -> tuple[np.ndarray, np.ndarray]:
-    """``(left image uint8 [500, 741, 3], depth uint16 [500, 741] millimetres, 0 = unknown)``."""
-    import skimage.data
-
-    left, _, disp = skimage.data.stereo_motorcycle()
-    ok = np.isfinite(disp)
-    depth = np.where(ok, F_PX * BASELINE_MM / (np.where(ok, disp, 0) + DOFFS_PX), 0.0)
-    return left, np.round(depth).astype(np.uint16)
-
-
-def write_motorcycle_nyu(root: str, n_train: int = 4, n_val: int = 3) -> str:
-    """NYUv2-layout folder ``{root}/{train,val}/{rgb,depth,semseg}/*.png`` of 240x320 crops downscaled 2x."""
-    from PIL import Image
-
-    left, depth = motorcycle_depth_mm()
-    med = np.median(depth[depth > 0])
-    offsets = [(r, c) for r in (0, 130, 260) for c in (0, 210, 420)][:n_train + n_val]
-    for k, (r, c) in enumerate(offsets):
-        split = "train" if k < n_train else "val"
-        rgb = np.asarray(Image.fromarray(left[r:r + 240, c:c + 320]).resize((160, 120), Image.BILINEAR))
-        d = depth[r:r + 240:2, c:c + 320:2]  # nearest: unknown pixels stay exactly 0
-        seg = np.where(d == 0, 255, np.where(d < med, 0, 1)).astype(np.uint8)
-        for mod, arr in (("rgb", rgb), ("depth", d), ("semseg", seg)):
-            os.makedirs(os.path.join(root, split, mod), exist_ok=True)
-            Image.fromarray(arr).save(os.path.join(root, split, mod, f"moto{k}.png"))
-    return root
-
-
-def horse_scene() -> tuple[np.ndarray, np.ndarray]:
-    """``(rgb uint8 [328, 400, 3], ADE20K-style labels uint8: 1 horse, 2 background, 0 border)``."""
-    import skimage.data
-    from PIL import Image
-
-    horse = ~skimage.data.horse()  # the silhouette is False on a True background
-    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((400, 328), Image.BILINEAR)).astype(float)
-    rgb = np.where(horse[..., None], 0.3 * photo + 0.7 * np.array([140.0, 80.0, 30.0]), photo)
-    label = np.where(horse, 1, 2).astype(np.uint8)
-    label[:3], label[-3:], label[:, :3], label[:, -3:] = 0, 0, 0, 0
-    return rgb.round().astype(np.uint8), label
-
-
-def write_horse_ade(root: str, n_train: int = 6, n_val: int = 3) -> str:
-    """ADE20K-layout folder of 200x240 crops (some flipped) of :func:`horse_scene`, downscaled 2x."""
-    from PIL import Image
-
-    rgb, label = horse_scene()
-    offsets = [(0, 0), (128, 160), (64, 80), (0, 160), (128, 0), (40, 120), (100, 40), (20, 60), (90, 150)]
-    for k, (r, c) in enumerate(offsets[:n_train + n_val]):
-        split = "training" if k < n_train else "validation"
-        im, lab = rgb[r:r + 200, c:c + 240], label[r:r + 200, c:c + 240]
-        if k % 2:
-            im, lab = im[:, ::-1], lab[:, ::-1]
-        for d in ("images", "annotations"):
-            os.makedirs(os.path.join(root, d, split), exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(im)).resize((120, 100), Image.BILINEAR).save(
-            os.path.join(root, "images", split, f"horse{k}.jpg"), quality=95)
-        Image.fromarray(np.ascontiguousarray(lab)).resize((120, 100), Image.NEAREST).save(
-            os.path.join(root, "annotations", split, f"horse{k}.png"))
-    return root
 
 
 def write_rgb_only_encoder(folder: str) -> str:
@@ -107,7 +47,7 @@ def data(tmp_path_factory) -> dict:
     from multitask_helpers import write_tiny_encoder
 
     base = tmp_path_factory.mktemp("dense")
-    return {"nyu": write_motorcycle_nyu(str(base / "nyu")), "ade": write_horse_ade(str(base / "ade")),
+    return {"nyu": write_motorcycle_nyuv2(str(base / "nyu")), "ade": write_horse_ade20k(str(base / "ade")),
             "ckpt": write_tiny_encoder(str(base / "ckpt")), "rgb_ckpt": write_rgb_only_encoder(str(base / "rgbckpt"))}
 
 
