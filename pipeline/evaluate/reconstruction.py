@@ -72,6 +72,11 @@ def run_pretrain(cfg, ctx) -> dict:
         batch = dict(batch, **to_model_inputs(batch, "cpu", mods))
         inputs = {m: batch[m] for m in mods}
         B = batch["rgb"].shape[0]
+        if n == 0 and cfg.pictures:  # MultiMAE-demo-style pictures of the first images, with their own masks
+            from polymae.pipeline.evaluate.pictures import save_reconstruction_pictures
+
+            save_reconstruction_pictures(ctx, model, inputs, num_visible=num_visible, max_images=cfg.pictures,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
         if arch == "mae":
             out = model(inputs, generator=gen)
         else:

@@ -37,8 +37,9 @@ naming both settings and the fix.
 
 Pruning (:meth:`Checkpointer.prune`, after every save) keeps the newest ``keep_last`` complete tags and deletes
 older complete ones and every incomplete tag older than the newest complete one; it never deletes the newest
-complete tag. An incomplete tag newer than that one (a save killed half-way) is left until the run saves that
-step again, which first deletes the leftover folder.
+complete tag, nor a tag holding :data:`PUBLISHING_FILE` (a background publish is reading it). An incomplete tag
+newer than that one (a save killed half-way) is left until the run saves that step again, which first deletes the
+leftover folder.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ LATEST_FILE = "latest"
 UNIVERSAL_DIR = "universal"
 #: written by rank 0 into a tag folder once every rank's files are in place: the tag is complete
 MARKER_FILE = "complete.json"
+#: put into a tag folder while a background publish reads it (``pipeline/train/publisher.py``): prune skips the tag
+PUBLISHING_FILE = "publishing"
 #: test-only fault injection (see :func:`fault_point`): ``POINT:STEP``, e.g. ``before_marker:4``
 KILL_ENV = "POLYMAE_TEST_KILL_AT"
 #: the moments of :meth:`Checkpointer.save` where :data:`KILL_ENV` can kill the process
@@ -266,6 +269,7 @@ class Checkpointer:
             return []
         newest = tag_step(complete[-1])
         old = complete[:-max(1, self.keep_last)] + [t for t in incomplete if tag_step(t) < newest]
+        old = [t for t in old if not os.path.exists(os.path.join(self.folder, t, PUBLISHING_FILE))]  # being published
         old.sort(key=tag_step)
         for tag in old:
             shutil.rmtree(os.path.join(self.folder, tag), ignore_errors=True)

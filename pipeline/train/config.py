@@ -174,6 +174,26 @@ class OptimConfig:
                 raise ConfigError(key, "must be >= 0")
 
 
+def check_publish_settings(publish_every: int, publish_to: str, save_interval: int) -> None:
+    """Pure checks of background publishing (a train section's ``publish_every`` / ``publish_to``).
+
+    Raises:
+        ConfigError: ``publish_every`` negative, not a multiple of ``save_interval`` (only saved checkpoints can
+            be published), or 0 while ``publish_to`` is set; ``publish_to`` empty while ``publish_every`` is set.
+    """
+    if publish_every < 0:
+        raise ConfigError("publish_every", f"must be >= 0 steps (0 = off), got {publish_every}")
+    if publish_every and publish_every % save_interval:
+        raise ConfigError("publish_every", f"{publish_every} is not a multiple of save_interval ({save_interval}): "
+                          f"only saved checkpoints can be published")
+    if publish_every and not publish_to:
+        raise ConfigError("publish_to", f"must name the releases' folder (local path or URL) when publish_every "
+                          f"is set ({publish_every})")
+    if publish_to and not publish_every:
+        raise ConfigError("publish_every", f"is 0 but publish_to is set ({redact(publish_to)!r}): set the interval "
+                          f"in steps (a multiple of save_interval)")
+
+
 @dataclass
 class TrainConfig:
     """Steps, batch sizes (global = micro-batch x ranks x accumulation), ZeRO stage (arXiv 1910.02054),
@@ -212,6 +232,12 @@ class TrainConfig:
                            "in the first step (~25 s for MultiMAE-tiny on 2 CPU cores, ~2 s from inductor's disk "
                            "cache; CPU needs a C++ compiler). For ZeRO 0-2: ZeRO-3's parameter hooks split the graphs "
                            "(CPU: ~2 min to compile, 2x slower steps)")
+    publish_every: int = field_(0, help="publish a release of the checkpoint every N steps (a multiple of "
+                                "save_interval; 0 = off), in a separate background process (`polymae publish`), so "
+                                "steps go on meanwhile; at most one in flight, a later one due meanwhile waits (only "
+                                "the newest); the job waits for it at the end and fails if it failed")
+    publish_to: str = field_("", help="folder of the background releases (local path, file:// or s3://): "
+                             "{publish_to}/step-NNNNNNNN/ and {publish_to}/latest naming the newest complete one")
 
     def resolved_precision(self, cuda: bool) -> str:
         """``precision`` with ``auto`` resolved: ``bf16`` on a CUDA device, ``fp32`` on the CPU."""
@@ -224,7 +250,8 @@ class TrainConfig:
 
         Raises:
             ConfigError: ``steps < 1``, ``micro_batch < 1``, ``global_batch`` not a multiple of
-                ``micro_batch`` (samples), ``zero_stage`` not 0-3, ``save_interval < 1`` or ``keep_last < 1``.
+                ``micro_batch`` (samples), ``zero_stage`` not 0-3, ``save_interval < 1`` or ``keep_last < 1``;
+                background publishing settings (:func:`check_publish_settings`).
         """
         if self.steps < 1:
             raise ConfigError("steps", "must be >= 1")
@@ -238,6 +265,7 @@ class TrainConfig:
         for key in ("save_interval", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, "must be >= 1")
+        check_publish_settings(self.publish_every, self.publish_to, self.save_interval)
 
     def preflight(self) -> None:
         """The launcher's world size divides the batch, and wandb is installed when asked for.
@@ -307,4 +335,5 @@ class PretrainConfig:
         return out
 
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "PretrainConfig", "MODALITIES"]
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "PretrainConfig", "MODALITIES",
+           "check_publish_settings"]

@@ -43,6 +43,7 @@ from polymae.pipeline.train.checkpoint import MODEL_CONFIG, Checkpointer, load_e
 from polymae.pipeline.train.metrics_log import MetricsLogger
 from polymae.pipeline.train.mt_adamw import MTAdamW
 from polymae.pipeline.train.multitask_config import MultitaskConfig
+from polymae.pipeline.train.publisher import background_publisher
 from polymae.pipeline.train.sampler import UnmixedSampler, sampling_probs
 from polymae.pipeline.train.tasks import Task, build_task, link_sequence_tasks
 
@@ -375,7 +376,8 @@ class MultitaskTrainer:
         self.setup()
         with self.process_settings(), MetricsLogger(cfg.output, total_steps=cfg.train.steps,
                                                     first_step=self.start_step, log_interval=cfg.train.log_interval,
-                                                    enabled=self.rank == 0) as logger:
+                                                    enabled=self.rank == 0) as logger, \
+                background_publisher(cfg.output, cfg.train, self.rank) as publisher:  # train.publish_every, if set
             for step in range(self.start_step, cfg.train.steps):
                 row, stop = self.train_step(step, log_row=logger.due(step + 1))
                 if logger.record(step + 1, row):
@@ -386,6 +388,7 @@ class MultitaskTrainer:
                 done = step + 1
                 if stop or done % cfg.train.save_interval == 0 or done == cfg.train.steps:
                     self.checkpointer.save(done)
+                publisher.step_done(done)
                 if stop and done < cfg.train.steps:
                     self.preempted = True
                     log.warning("stopped at step %d (checkpoint saved)", done)

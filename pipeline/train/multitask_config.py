@@ -142,6 +142,10 @@ class MTTrainConfig:
     keep_last: int = field_(2, help="complete checkpoints to keep")
     log_interval: int = field_(1, help="metrics row every N steps")
     preempt_signal: Literal["SIGTERM", "SIGUSR1"] = field_("SIGTERM", help="finish the step, save, exit 75")
+    publish_every: int = field_(0, help="publish a release (encoder + heads) every N steps in the background (a "
+                                "multiple of save_interval; 0 = off)")
+    publish_to: str = field_("", help="folder of the background releases (local path, file:// or s3://): "
+                             "{publish_to}/step-NNNNNNNN/ and {publish_to}/latest")
 
     def resolved_precision(self, cuda: bool) -> str:
         """``precision`` with ``auto`` resolved: ``amp_bf16`` on CUDA, ``fp32`` on the CPU."""
@@ -164,6 +168,9 @@ class MTTrainConfig:
         for key in ("num_workers", "readers", "shuffle_buffer"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, "must be >= 0")
+        from polymae.pipeline.train.config import check_publish_settings
+
+        check_publish_settings(self.publish_every, self.publish_to, self.save_interval)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from polymae.pipeline.train.checkpoint import (MODEL_CONFIG, Checkpointer, Resum
 from polymae.pipeline.train.config import PretrainConfig
 from polymae.pipeline.train.data import build_loader, shard_label_info
 from polymae.pipeline.train.metrics_log import MetricsLogger, device_peak_flops, peak_memory_gib
+from polymae.pipeline.train.publisher import background_publisher
 from polymae.pipeline.train.recipe import (bucketed_gloo_comm, deepspeed_config, lr_at, make_optimizer, mask_generator,
                                            masking_kwargs, model_kwargs, register_zero3_external_params)
 
@@ -376,14 +377,20 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run from the start (or resumed) step to ``train.steps``, saving every ``train.save_interval`` steps, at
-        the end, and after ``train.preempt_signal`` (then stopping early with :attr:`preempted` set). Returns the
-        last logged metrics row ({} on ranks other than 0). Process-global changes are undone when it returns or
-        raises."""
+        the end, and after ``train.preempt_signal`` (then stopping early with :attr:`preempted` set); rank 0
+        publishes every ``train.publish_every`` steps in the background (``publisher.py``) and waits for it at the
+        end. Returns the last logged metrics row ({} on ranks other than 0). Process-global changes are undone when
+        it returns or raises.
+
+        Raises:
+            BackgroundPublishError: (rank 0, after training) a background publish failed.
+        """
         cfg = self.cfg
         last: dict = {}
         try:
             self.setup()
-            with self.process_settings(), self.metrics_logger() as logger:
+            with self.process_settings(), self.metrics_logger() as logger, \
+                    background_publisher(cfg.output, cfg.train, self.rank) as publisher:  # train.publish_every
                 batches = iter(self.loader)
                 for step in range(self.start_step, cfg.train.steps):
                     result = self.train_step(batches, step, log=logger.due(step + 1))
@@ -392,6 +399,7 @@ class Trainer:
                     done = step + 1
                     if result.stop or done % cfg.train.save_interval == 0 or done == cfg.train.steps:
                         self.checkpointer.save(done)
+                    publisher.step_done(done)
                     if result.stop and done < cfg.train.steps:
                         self.preempted = True
                         log.warning("stopped at step %d after %s (checkpoint saved); exit status %d means: requeue",
