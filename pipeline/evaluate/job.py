@@ -31,6 +31,7 @@ from typing import Literal
 
 from polymae.pipeline.config import ConfigError, field_
 from polymae.pipeline.evaluate.classification import FinetuneConfig, LinearProbeConfig
+from polymae.pipeline.evaluate.coco import CocoConfig
 from polymae.pipeline.evaluate.dense import DepthConfig, SemsegConfig
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class EvaluateConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     semseg: SemsegConfig = field(default_factory=SemsegConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    coco: CocoConfig = field(default_factory=CocoConfig)
 
     def validate(self) -> None:
         """Pure value checks; raises :class:`ConfigError` naming the key."""
@@ -126,7 +128,9 @@ def _run_protocol(cfg: EvaluateConfig, ctx) -> dict:
         from polymae.pipeline.evaluate.dense import run_depth, run_semseg
 
         return (run_semseg if cfg.protocol == "semseg" else run_depth)(getattr(cfg, cfg.protocol), ctx)
-    raise ConfigError("protocol", f"{cfg.protocol!r} is not available in this build")
+    from polymae.pipeline.evaluate.coco import run_coco
+
+    return run_coco(cfg.coco, ctx)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:

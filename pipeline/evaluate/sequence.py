@@ -12,6 +12,8 @@ COCO-format held-out data (each task's ``val_annotations`` and ``val_images``, s
 
 Predictions are written as COCO results JSON (``{output}/{task}.results.json``) when ``output`` is given.
 Geometry is decoded in normalised coordinates and scaled to each image's width and height.
+:func:`predict_sequence_task` gives the predictions alone (the ``coco`` protocol of ``polymae evaluate``,
+``coco.py``, scores them like any results file); :func:`evaluate_sequence_task` predicts and scores.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def _images(info: dict, img_size: int, batch_size: int, max_samples: int):
 
 
 def _memory(model, batch: dict) -> torch.Tensor:
+    """``[B, G + h*w, D]``: the encoder's last block (after the final norm) on the batch, on the model's device."""
     from polymae.datasets.transforms import to_model_inputs
 
-    rgb = to_model_inputs(batch, "cpu", ["rgb"])["rgb"]
+    rgb = to_model_inputs(batch, next(model.parameters()).device, ["rgb"])["rgb"]
     return model.encode(rgb)[0][-1]
 
 
@@ -53,13 +56,14 @@ def _detect(model, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tenso
 
     dec = model.sequence_decoder
     v = dec.vocab
-    tokens = torch.full((memory.shape[0], SEQ_LEN["det"]), v.MASK, dtype=torch.long)
+    tokens = torch.full((memory.shape[0], SEQ_LEN["det"]), v.MASK, dtype=torch.long, device=memory.device)
     tokens[:, 0] = v.prompt("det")
     probs = dec(tokens, memory, "det").softmax(-1)[:, 1:].reshape(len(tokens), DET_SLOTS, 5, -1)
     scores, cls = probs[:, :, 4, v.class_base:v.no_object].max(-1)
     boxes = v.coord_value(probs[:, :, :4].argmax(-1)).clamp(0, 1)
     boxes = torch.cat([torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])],
-                      dim=-1)
+                      dim=-1).cpu()
+    cls, scores = cls.cpu(), scores.cpu()
     return [(boxes[i], cls[i], scores[i]) for i in range(len(tokens))]
 
 
@@ -81,8 +85,9 @@ def _instances(model, memory: torch.Tensor, mad_task: str, prompts: list[tuple[i
     v = dec.vocab
     prompt = torch.stack([torch.cat([torch.tensor([v.prompt(mad_task)]), v.coord(b), torch.tensor([v.class_base + c])])
                           for _, b, c, _ in prompts])
-    rows = torch.tensor([r for r, _, _, _ in prompts])
-    tokens, _ = decode_parallel(dec, memory[rows], mad_task, prompt)
+    rows = torch.tensor([r for r, _, _, _ in prompts], device=memory.device)
+    tokens, _ = decode_parallel(dec, memory[rows], mad_task, prompt.to(memory.device))
+    tokens = tokens.cpu()
     out = []
     for (row, box, cls, score), tok in zip(prompts, tokens):
         rec = records[row]
@@ -115,17 +120,18 @@ def _prompts(model, memory, batch: dict, info: dict, gt_boxes: bool, has_det: bo
     return out
 
 
-def _score_instances(model, info: dict, img_size: int, batch_size: int, max_samples: int, output: str,
-                     task: str) -> dict:
-    """det / seg / kpt: COCO results of the held-out images and their AP (module docstring)."""
-    from polymae.pipeline.evaluate.coco import coco_ap, write_results
+def _predict_instances(model, info: dict, img_size: int, batch_size: int, max_samples: int) -> tuple:
+    """det / seg / kpt: ``(gt index, {"results", "gt_box_results", "image_ids", "prompt"})`` over the held-out
+    images (module docstring); ``gt_box_results`` (seg / kpt) are decoded with the ground-truth boxes as prompts."""
+    from tqdm import tqdm
 
     gt, records, stream = _images(info, img_size, batch_size, max_samples)
     cat_ids = [int(c["id"]) for c in info["categories"]]
     mad_task = info["mad_task"]
     has_det = "det" in model.sequence_tasks.values()
-    results, with_gt, n = [], [], 0
-    for batch in stream:
+    results, with_gt, ids = [], [], []
+    for batch in tqdm(stream, total=-(-len(records) // batch_size), desc=f"{mad_task} decode", unit="batch",
+                      leave=False):
         memory = _memory(model, batch)
         recs = batch["records"]
         if mad_task == "det":
@@ -138,37 +144,59 @@ def _score_instances(model, info: dict, img_size: int, batch_size: int, max_samp
                                   recs, cat_ids)
             with_gt += _instances(model, memory, mad_task, _prompts(model, memory, batch, info, True, has_det),
                                   recs, cat_ids)
-        n += len(recs)
+        ids += [r["image_id"] for r in recs]
+    out = {"results": results, "image_ids": ids}
+    if mad_task != "det":
+        out.update(gt_box_results=with_gt, prompt="predicted boxes" if has_det else "ground-truth boxes")
+    return gt, out
+
+
+def _score_instances(model, info: dict, img_size: int, batch_size: int, max_samples: int, output: str,
+                     task: str) -> dict:
+    """det / seg / kpt: COCO results of the held-out images and their AP (module docstring)."""
+    from polymae.pipeline.evaluate.coco import coco_ap, write_results
+
+    gt, pred = _predict_instances(model, info, img_size, batch_size, max_samples)
+    results, n = pred["results"], len(pred["image_ids"])
     if output:  # first: pycocotools' loadRes adds numpy fields to the dicts it is given
         write_results(results, os.path.join(output, f"{task}.results.json"))
-    iou_type = {"det": "bbox", "seg": "segm", "kpt": "keypoints"}[mad_task]
+    iou_type = IOU_TYPE[info["mad_task"]]
     out = dict(coco_ap(gt, copy.deepcopy(results), iou_type), samples=n, predictions=len(results))
-    if mad_task != "det":
-        out["gt_box_AP"] = coco_ap(gt, with_gt, iou_type)["AP"]
-        out["prompt"] = "predicted boxes" if has_det else "ground-truth boxes"
+    if "gt_box_results" in pred:
+        out["gt_box_AP"] = coco_ap(gt, pred["gt_box_results"], iou_type)["AP"]
+        out["prompt"] = pred["prompt"]
     return out
 
 
-def _score_captions(model, info: dict, img_size: int, batch_size: int, max_samples: int, output: str,
-                    task: str) -> dict:
-    """cap: iteratively decoded captions of the held-out images, BLEU-4 and CIDEr against their references."""
+def _predict_captions(model, info: dict, img_size: int, batch_size: int, max_samples: int) -> tuple[dict, dict]:
+    """cap: ``(image id -> predicted caption, image id -> reference captions)`` of the held-out images that have
+    references, iteratively decoded (module docstring)."""
     from tokenizers import Tokenizer
+    from tqdm import tqdm
 
     from polymae.models.mad import decode_caption, decode_iterative
-    from polymae.pipeline.evaluate.coco import caption_scores, write_results
 
     _, records, stream = _images(info, img_size, batch_size, max_samples)
     tok = Tokenizer.from_str(info["tokenizer"])
     dec = model.sequence_decoder
     preds, refs = {}, {}
-    for batch in stream:
+    for batch in tqdm(stream, total=-(-len(records) // batch_size), desc="cap decode", unit="batch", leave=False):
         memory = _memory(model, batch)
-        prompt = torch.full((memory.shape[0], 1), dec.vocab.prompt("cap"), dtype=torch.long)
-        tokens = decode_iterative(dec, memory, "cap", prompt)
+        prompt = torch.full((memory.shape[0], 1), dec.vocab.prompt("cap"), dtype=torch.long, device=memory.device)
+        tokens = decode_iterative(dec, memory, "cap", prompt).cpu()
         for rec, t in zip(batch["records"], tokens):
             if rec["captions"]:
                 preds[rec["image_id"]] = decode_caption(dec.vocab, tok, t)
                 refs[rec["image_id"]] = rec["captions"]
+    return preds, refs
+
+
+def _score_captions(model, info: dict, img_size: int, batch_size: int, max_samples: int, output: str,
+                    task: str) -> dict:
+    """cap: iteratively decoded captions of the held-out images, BLEU-4 and CIDEr against their references."""
+    from polymae.pipeline.evaluate.coco import caption_scores, write_results
+
+    preds, refs = _predict_captions(model, info, img_size, batch_size, max_samples)
     if not preds:
         return {"skipped": "no held-out captions"}
     if output:
@@ -177,13 +205,39 @@ def _score_captions(model, info: dict, img_size: int, batch_size: int, max_sampl
     return dict(caption_scores(refs, preds), samples=len(preds))
 
 
+#: the COCO evaluation of each Masked AutoDecoder task's output (``cap``: captions, BLEU-4 / CIDEr)
+IOU_TYPE = {"det": "bbox", "seg": "segm", "kpt": "keypoints", "cap": "captions"}
+
+
+@torch.no_grad()
+def predict_sequence_task(model, task: str, info: dict, img_size: int, batch_size: int = 8,
+                          max_samples: int = 0) -> dict:
+    """The predictions of one sequence task on the images of ``info["val_annotations"]`` (module docstring), in
+    COCO results format, on the model's device.
+
+    Args:
+        model: the ``MultiTaskModel`` (eval mode); task: its name; info: its entry of
+            ``model_config.json["multitask"]["tasks"]`` (``val_annotations`` / ``val_images`` may be replaced by
+            the caller to predict on other COCO-format data); max_samples: first images by id (0 = all).
+    Returns:
+        ``{"results": [COCO result dicts], "image_ids": [decoded image ids]}``, plus for seg / kpt
+        ``gt_box_results`` (decoded with ground-truth box prompts) and ``prompt``.
+    Raises:
+        FileNotFoundError: the annotations or an image are missing; ValueError: the annotations are not COCO JSON.
+    """
+    if info["mad_task"] == "cap":
+        preds, _ = _predict_captions(model, info, img_size, batch_size, max_samples)
+        return {"results": [{"image_id": i, "caption": c} for i, c in preds.items()], "image_ids": list(preds)}
+    return _predict_instances(model, info, img_size, batch_size, max_samples)[1]
+
+
 @torch.no_grad()
 def evaluate_sequence_task(model, task: str, info: dict, img_size: int, batch_size: int = 8, max_samples: int = 0,
                            output: str = "") -> dict:
     """Metrics of one sequence task of a multitask model (module docstring).
 
     Args:
-        model: the ``MultiTaskModel`` (eval mode, CPU); task: its name; info: its entry of
+        model: the ``MultiTaskModel`` (eval mode); task: its name; info: its entry of
             ``model_config.json["multitask"]["tasks"]``; output: folder for ``{task}.results.json`` ("" = none).
     Returns:
         det / seg / kpt: COCO stats (``AP``, ``AP50``, ...), ``samples``, ``predictions`` (and for seg / kpt
@@ -198,4 +252,4 @@ def evaluate_sequence_task(model, task: str, info: dict, img_size: int, batch_si
     return score(model, info, img_size, batch_size, max_samples, output, task)
 
 
-__all__ = ["evaluate_sequence_task"]
+__all__ = ["evaluate_sequence_task", "predict_sequence_task", "IOU_TYPE"]
