@@ -28,6 +28,12 @@ def test_yaml_then_overrides(tmp_path, shards_dir):
     assert cfg.data.img_size == 64 and cfg.train.steps == 9 and cfg.model.alpha == 0.5
     assert cfg.data.crop_scale == [0.3, 1.0]
     assert cfg.train.zero_stage == 2  # default kept
+    # YAML 1.1 reads 1e-4 (no dot) as a string: a float key takes it as the number, in a file and on the command line
+    p.write_text("data:\n  shards: " + shards_dir + "\noptim:\n  base_lr: 1e-4\n")
+    assert load_config(PretrainConfig, str(p), ["optim.min_lr=2E-6"]).optim.base_lr == 1e-4
+    assert load_config(PretrainConfig, str(p), ["optim.min_lr=2E-6"]).optim.min_lr == 2e-6
+    with pytest.raises(ConfigError, match="optim.min_lr"):
+        load_config(PretrainConfig, str(p), ["optim.min_lr=2e-x"])
 
 
 @pytest.mark.parametrize("override,key", [
