@@ -52,6 +52,18 @@ def test_publish_to_s3_then_evaluate_from_s3(trained_run, moto_s3, synthetic_sha
                                                           "split=val", f"output={trained_run}/eval-s3"]))
     assert res["samples"] == 3 and set(res["reconstruction_loss"]) == {"rgb", "depth", "semseg"}
 
+    # one flipped byte in the stored release: `polymae publish --verify` fails and names the file
+    from polymae.jobs.cli import main as cli
+
+    assert cli(["publish", "--verify", dest]) == 0
+    key = "multimae-tiny/v1/encoder.safetensors"
+    data = bytearray(s3.get_object(Bucket="models", Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    s3.put_object(Bucket="models", Key=key, Body=bytes(data))
+    assert cli(["publish", "--verify", dest]) == 1
+    problems = verify_release(dest)
+    assert len(problems) == 1 and problems[0].startswith("encoder.safetensors")
+
 
 def test_publish_config_errors_name_the_key(tmp_path):
     from polymae.pipeline.config import ConfigError, load_config
