@@ -3,7 +3,8 @@
 label (embedded Ray, tiny random-weight DPT + SegFormer teachers) → pretrain (MultiMAE ViT-Tiny,
 DeepSpeed ZeRO-2, 2 CPU ranks via torchrun) → multitask (depth + semseg + classification heads on the pre-trained
 encoder, unmixed sampling with MT-AdamW; the classes of the photographs from :data:`PHOTO_CLASSES`) → evaluate
-(held-out split) → publish (local folder store).
+(held-out split) → downstream (both checkpoints through the linear-probe, depth and semseg protocols on small
+scikit-image datasets, compared in the results table) → publish (local folder store).
 By default the images are the photographs that scikit-image ships, copied into ``{work}/images`` at run
 time; ``--images DIR`` uses your own folder (every 5th image, sorted, is held out for evaluation).
 """
@@ -60,6 +61,9 @@ class QuickstartConfig:
     base_lr: float = field_(1.5e-3, help="base learning rate (x global batch / 256)")
     multitask_steps: int = field_(24, help="multitask steps (depth + semseg + classification heads on the "
                                   "pre-trained encoder; 0 = skip the stage)")
+    downstream: bool = field_(True, help="run the pre-trained and multitask checkpoints through the linear probe "
+                              "(lfw faces), depth (Middlebury motorcycle) and semseg (horse) protocols and compare "
+                              "them in the results table")
     samples_per_shard: int = field_(4, help="samples per shard (small, to exercise multi-shard reading)")
     dest: str = field_("", help="publish destination (default {work}/store/multimae-quickstart)")
 
@@ -247,8 +251,17 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     summary["evaluate"] = evaluate(ecfg)
     seconds["evaluate"] = time.perf_counter() - t
 
+    if cfg.downstream:
+        from polymae.jobs.quickstart_downstream import run_downstream_stage
+
+        t = time.perf_counter()
+        ckpts = {"pretrain": run_dir, **({"multitask": summary["multitask"]["run"]} if "multitask" in summary else {})}
+        summary["downstream"] = run_downstream_stage(work, ckpts)
+        seconds["downstream"] = time.perf_counter() - t
+
     t = time.perf_counter()
-    pub = load_config(PublishConfig, overrides=[f"checkpoint={run_dir}", f"dest={dest}"])
+    pub = load_config(PublishConfig, overrides=[f"checkpoint={run_dir}", f"dest={dest}",
+                                                f"results_table={os.path.join(work, 'results')}"])
     summary["manifest"] = publish(pub)
     seconds["publish"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
@@ -287,6 +300,12 @@ def print_summary(s: dict) -> None:
     if "rgb_to_semseg" in ev:
         parts.append(f"mIoU {ev['rgb_to_semseg']['miou']:.3f}")
     t.add_row("evaluate", ", ".join(parts), ev["output"], f"{s['seconds']['evaluate']:.1f}")
+    if "downstream" in s:
+        parts = []
+        for label, per in s["downstream"]["metrics"].items():
+            parts.append(f"{label}: probe top-1 {per['linear_probe']['top1']:.2f}, δ1 {per['depth']['delta1@rgb']:.2f}, "
+                         f"mIoU {per['semseg']['miou@rgb']:.2f}")
+        t.add_row("downstream", "; ".join(parts), s["downstream"]["table"], f"{s['seconds']['downstream']:.1f}")
     files = s["manifest"]["files"]
     t.add_row("publish", f"{len(files)} files + manifest.json ({sum(f['size'] for f in files) / 2**20:.1f} MiB)",
               s["release"], f"{s['seconds']['publish']:.1f}")
@@ -296,7 +315,8 @@ def print_summary(s: dict) -> None:
     print("outputs:")
     for what, path in (("images", os.path.join(s["work"], "images")), ("shards", s["shards"]), ("run", s["run"]),
                        ("checkpoints", os.path.join(s["run"], "checkpoints")), ("tensorboard", os.path.join(s["run"], "tb")),
-                       ("evaluation", ev["output"]), ("release", s["release"])):
+                       ("evaluation", ev["output"]), ("results", os.path.join(s["work"], "results")),
+                       ("release", s["release"])):
         print(f"  {what:<12} {path}")
 
 

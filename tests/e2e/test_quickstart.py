@@ -126,3 +126,32 @@ def test_multitask_stage_losses_fall_and_heads_evaluate(quickstart):
     assert set(res["tasks"]) == {"depth", "semseg", "cls"}
     assert 0.0 <= res["tasks"]["depth"]["delta1"] <= 1.0 and 0.0 <= res["tasks"]["cls"]["top1"] <= 1.0
     assert "multitask" in out
+
+
+def test_downstream_protocols_fill_the_results_table_and_compare(quickstart):
+    """Both quickstart checkpoints went through the linear probe (lfw), depth (Middlebury motorcycle) and semseg
+    (horse) protocols: rows in the results table for each, pictures beside the results, and --compare of the two."""
+    from polymae.jobs.evaluate import main as evaluate_main
+    from polymae.pipeline.evaluate.results import read_table
+
+    work, out = quickstart
+    runs = [str(work / "runs" / "multimae-quickstart"), str(work / "runs" / "multitask-quickstart")]
+    rows = read_table(str(work / "results"))
+    got = {(r["checkpoint"], r["protocol"]) for r in rows}
+    for run in runs:
+        assert {(run, p) for p in ("linear_probe", "depth", "semseg")} <= got
+        probe = json.loads(open(os.path.join(run, "eval-linear_probe", "results.json")).read())
+        assert probe["dataset"]["samples"] == {"train": 160, "val": 40} and 0.0 <= probe["metrics"]["top1"] <= 1.0
+        assert len(probe["checkpoint_sha256"]) == 64 and len(probe["dataset"]["fingerprint"]) == 64
+        depth = json.loads(open(os.path.join(run, "eval-depth", "results.json")).read())
+        assert depth["dataset"]["samples"]["val"] == depth["scored_images"]["rgb"] == 3
+        assert 0.0 <= depth["metrics"]["delta1@rgb"] <= 1.0 and depth["metrics"]["rmse@rgb"] > 0
+        for proto in ("depth", "semseg"):
+            pics = json.loads(open(os.path.join(run, f"eval-{proto}", "results.json")).read())["pictures"]
+            assert pics and all(os.path.getsize(os.path.join(run, f"eval-{proto}", p)) > 0 for p in pics)
+    pre = json.loads((work / "runs" / "multimae-quickstart" / "eval-val" / "results.json").read_text())
+    assert any(p.startswith("pictures/reconstruction_") for p in pre["pictures"])  # MultiMAE-style pictures
+    md = (work / "results" / "results.md").read_text()
+    assert "| linear_probe | top1 |" in md and "| depth | delta1@rgb |" in md
+    assert "downstream" in out
+    assert evaluate_main(["--compare", *runs, f"results_table={work / 'results'}"]) == 0
