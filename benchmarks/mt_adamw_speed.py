@@ -38,15 +38,21 @@ def build(model_name: str, decoder_dim: int, device: str):
     return groups, {t: list(d.parameters()) for t, d in decoders.items()}, enc_params
 
 
-def time_steps(step, steps: int, sync) -> float:
-    """Seconds per step over ``steps`` calls of ``step`` (after one warm-up call)."""
+def time_steps(step, steps: int, sync, restore) -> float:
+    """Seconds per call of ``step`` over ``steps`` calls (after one warm-up call), each timed alone after
+    ``restore()`` put the original gradients back (MT-AdamW's fused path scales them in place, as an AMP unscale
+    does; without the restore later steps would see ever smaller gradients, down to denormals)."""
+    restore()
     step()
-    sync()
-    t0 = time.perf_counter()
+    total = 0.0
     for _ in range(steps):
+        restore()
+        sync()
+        t0 = time.perf_counter()
         step()
-    sync()
-    return (time.perf_counter() - t0) / steps
+        sync()
+        total += time.perf_counter() - t0
+    return total / steps
 
 
 def main() -> None:
@@ -76,6 +82,11 @@ def main() -> None:
         mt.set_task("depth", 0.5, 1.0)
         mt.step()
 
+    saved = [q.grad.clone() for q in trained]
+
+    def restore():
+        torch._foreach_copy_([q.grad for q in trained], saved)
+
     norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([q.grad for q in trained]))))
     mt_given = MTAdamW(groups, lr=1e-4, weight_decay=0.05, grad_norm=lambda: norm)
 
@@ -94,7 +105,7 @@ def main() -> None:
     rows = {k: [] for k in steps}
     for _ in range(args.repeats):
         for k, fn in steps.items():
-            rows[k].append(time_steps(fn, args.steps, sync))
+            rows[k].append(time_steps(fn, args.steps, sync, restore))
     n = sum(q.numel() for q in trained)
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"{args.model} + 3 decoders of {args.decoder_dim}: {n / 1e6:.1f} M parameters stepped; {args.device}; "
