@@ -146,3 +146,14 @@ def moto_s3(tmp_path, monkeypatch):
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (``pytestmark = [..., pytest.mark.usefixtures("one_thread_module")]``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,18 +23,9 @@ from polymae.datasets.samples import write_class_split, write_lfw_faces
 
 from multitask_helpers import write_tiny_encoder
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread_module")]
 
 IMG = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread for the module (tiny tensors; see tests/conftest.py ``one_thread``)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

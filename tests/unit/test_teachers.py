@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from polymae.pipeline.label import teachers as T
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread_module")]
 
 SIZES = [(301, 451), (17, 33), (64, 64)]
 
@@ -19,14 +19,6 @@ SIZES = [(301, 451), (17, 33), (64, 64)]
 def images():
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_registry():
