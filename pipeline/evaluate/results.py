@@ -230,14 +230,14 @@ def compare(table_dir: str, checkpoints: Sequence[str] = ()) -> str:
 
 
 def finish(protocol: str, results: dict, ctx: EvalContext, cfg: Any, table_dir: str) -> dict:
-    """Complete a protocol's results (checkpoint, its sha256, time, pictures) and write ``results.json``,
+    """Complete a protocol's results (checkpoint, its sha256, the redacted config, time, pictures) and write ``results.json``,
     ``results.md``, ``config.yaml`` to ``ctx.output`` and its rows to the results table at ``table_dir`` (skipped
     when empty). Returns the completed results."""
     from polymae.datasets import storage
-    from polymae.pipeline.config import save_config
+    from polymae.pipeline.config import save_config, to_dict
 
     ctx.close()
-    results = dict(results, protocol=protocol, checkpoint=ctx.checkpoint,
+    results = dict(results, protocol=protocol, checkpoint=ctx.checkpoint, config=to_dict(cfg),
                    checkpoint_sha256=checkpoint_sha256(ctx.checkpoint),
                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    pictures=list(ctx.pictures))

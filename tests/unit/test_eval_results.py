@@ -99,3 +99,23 @@ def test_save_picture_writes_png_and_tensorboard(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "out" / "tb"))
     with pytest.raises(ValueError, match="uint8"):
         ctx.save_picture("bad", img.astype(np.float32))
+
+
+def test_finish_writes_results_json_with_config_digest_and_a_table_row(tmp_path):
+    import hashlib
+
+    from polymae.pipeline.evaluate.job import EvaluateConfig
+
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "model.safetensors").write_bytes(b"w")
+    cfg = EvaluateConfig(checkpoint=str(rel), protocol="depth", results_table=str(tmp_path / "table"))
+    ctx = R.EvalContext(checkpoint=str(rel), output=str(tmp_path / "out"))
+    res = R.finish("depth", {"metrics": {"delta1@rgb": 0.5}, "dataset": {"path": "/d", "fingerprint": "f"}}, ctx, cfg,
+                   cfg.results_table)
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved == res and saved["checkpoint_sha256"] == hashlib.sha256(b"w").hexdigest()
+    assert saved["config"]["protocol"] == "depth" and saved["config"]["checkpoint"] == str(rel)
+    assert (tmp_path / "out" / "config.yaml").exists()
+    assert [(r["protocol"], r["metric"], r["value"]) for r in R.read_table(cfg.results_table)] == \
+        [("depth", "delta1@rgb", 0.5)]
