@@ -391,6 +391,7 @@ class MultitaskTrainer:
                 publisher.step_done(done)
                 if stop and done < cfg.train.steps:
                     self.preempted = True
+                    publisher.interrupt()  # no wait for a publish in the grace period
                     log.warning("stopped at step %d (checkpoint saved)", done)
                     break
         return last

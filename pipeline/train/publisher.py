@@ -189,6 +189,30 @@ class BackgroundPublisher:
             self._proc.wait()
             self.poll()
 
+    def interrupt(self) -> list[str]:
+        """The job was preempted (it saved and exits to be requeued): stop the running publish (SIGTERM, SIGKILL
+        after 10 s) and drop the waiting one. Neither is a failure, nor is a publish that the preemption signal
+        itself killed (a negative exit status: Slurm signals every process of the job); their checkpoints stay on
+        disk and can be published after the requeue (logged with the command). The publisher does nothing
+        afterwards. Returns the tags left unpublished."""
+        tags = [t for t in (self._running.get("tag"), self._waiting) if t]
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        for tag in tags:
+            self._unmark(tag)
+        tags += [r["tag"] for r in self.results if r["status"] is not None and r["status"] < 0]
+        self.results = [r for r in self.results if not (r["status"] is not None and r["status"] < 0)]
+        self._proc, self._running, self._waiting, self.every = None, {}, None, 0
+        for tag in tags:
+            log.warning("preempted: %s was not published; after the requeue: polymae publish checkpoint=%s tag=%s "
+                        "dest=%s/%s", tag, self.run_dir, tag, redact(self.dest_root), tag)
+        return tags
+
     def failures(self) -> list[dict]:
         """The finished publishes with a non-zero exit status."""
         return [r for r in self.results if r["status"] != 0]

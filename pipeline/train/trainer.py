@@ -402,6 +402,7 @@ class Trainer:
                     publisher.step_done(done)
                     if result.stop and done < cfg.train.steps:
                         self.preempted = True
+                        publisher.interrupt()  # no wait for a publish in the grace period
                         log.warning("stopped at step %d after %s (checkpoint saved); exit status %d means: requeue",
                                     done, cfg.train.preempt_signal, PREEMPTED_EXIT_CODE)
                         break

@@ -134,6 +134,35 @@ def test_a_failed_publish_fails_the_end_of_training(tmp_path, monkeypatch):
     assert [r["status"] for r in pub.results] == [3]
 
 
+def test_preemption_stops_the_publish_without_failing_the_job(tmp_path, caplog):
+    """Preempted (the trainer saved and exits 75 to be requeued): the running publish is stopped, the waiting one
+    dropped, and a publish the preemption signal already killed is not a failure either; each is logged with the
+    command that publishes it after the requeue."""
+    import signal
+
+    from polymae.pipeline.train.checkpoint import PUBLISHING_FILE, step_tag
+    from polymae.pipeline.train.publisher import BackgroundPublisher
+
+    run, fake = _fake_run(tmp_path, steps=(2, 4))
+    with caplog.at_level("WARNING"), BackgroundPublisher(run, 2, str(tmp_path / "rel"), python=fake) as pub:
+        pub.step_done(2)
+        pub.step_done(4)  # waits behind step 2
+        child = pub._proc
+        assert pub.interrupt() == [step_tag(2), step_tag(4)]
+        assert child.poll() is not None and pub._proc is None
+        pub.step_done(6)  # nothing after an interrupt
+    assert pub.results == [] and "polymae publish checkpoint=" in caplog.text
+    assert not any(os.path.exists(os.path.join(run, "checkpoints", step_tag(s), PUBLISHING_FILE)) for s in (2, 4))
+
+    with BackgroundPublisher(run, 2, str(tmp_path / "rel"), python=fake) as pub:  # killed by the signal itself
+        pub.step_done(2)
+        pub._proc.send_signal(signal.SIGTERM)
+        pub._proc.wait()
+        pub.poll()
+        assert [r["status"] for r in pub.results] == [-signal.SIGTERM]
+        assert pub.interrupt() == [step_tag(2)] and pub.failures() == []
+
+
 def test_prune_skips_a_tag_being_published_and_stale_markers_are_cleared(tmp_path):
     from polymae.pipeline.train.checkpoint import PUBLISHING_FILE, Checkpointer, scan_tags, step_tag
     from polymae.pipeline.train.publisher import background_publisher
