@@ -89,3 +89,14 @@ def test_caption_scores():
     other = C.caption_scores(refs, {1: "a cat sleeps on a red blanket", 2: "a rocket stands on the pad"})
     assert other["bleu4"] < 0.01 and other["cider"] < 0.5 < same["cider"]
     assert C.tokenize_caption("A cup, of COFFEE.") == "a cup , of coffee ."
+
+
+def test_cider_equals_the_hand_computed_value():
+    """CIDEr-D (Vedantam et al. 2015, Eq. 2-4 with pycocoevalcap's clipping and length penalty) on two images with
+    one reference each. idf = log(N) - log(max(1, df)) with N = 2: "a" is in both references (weight 0), every other
+    n-gram weighs log 2 (so the weights cancel in the cosine). Image 1 predicted exactly: cosine 1 for n = 1, 2, 3
+    and 0 for n = 4 (3 words have no 4-gram): 10 * 3/4 = 7.5. Image 2, "a dog sits" for "a dog runs": n = 1
+    {dog, sits} vs {dog, runs} -> 1/2; n = 2 {a dog, dog sits} vs {a dog, dog runs} -> 1/2; n = 3 -> 0; n = 4 -> 0:
+    10 * 1/4 = 2.5. Same lengths: no penalty. Corpus CIDEr = (7.5 + 2.5) / 2 = 5.0."""
+    refs = {1: ["a cat sits"], 2: ["a dog runs"]}
+    assert C.caption_scores(refs, {1: "a cat sits", 2: "a dog sits"})["cider"] == pytest.approx(5.0, abs=1e-9)
