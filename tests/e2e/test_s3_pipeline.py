@@ -137,7 +137,8 @@ def test_label_pretrain_publish_evaluate_through_s3(s3_env, tmp_path, photo_writ
     sd, _ = consolidate(run)
     assert model.state_dict().keys() == sd.keys() and all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
     common = [f"shards={SHARDS}", "split=val", "batch_size=2"]
-    remote = evaluate(load_config(EvaluateConfig, overrides=[f"checkpoint={RELEASE}", *common]))
+    remote = evaluate(load_config(EvaluateConfig, overrides=[f"checkpoint={RELEASE}", *common,
+                                                             f"output=s3://{BUCKET}/evals/v1-val"]))
     local = evaluate(load_config(EvaluateConfig, overrides=[f"checkpoint={run}", *common]))
     assert remote["samples"] == len(VAL_PHOTOS) and _finite(_metrics(remote))
     assert _metrics(remote) == _metrics(local)
@@ -147,9 +148,10 @@ def test_label_pretrain_publish_evaluate_through_s3(s3_env, tmp_path, photo_writ
                                                            "split=val", "batch_size=2",
                                                            f"output={tmp_path / 'eval-local-shards'}"]))
     assert _metrics(copy) == _metrics(local)
-    assert remote["output"] == f"{RELEASE}/eval-val" and local["output"] == f"{run}/eval-val"
-    assert storage.read_json(f"{RELEASE}/eval-val/results.json")["reconstruction_loss"] == \
+    assert remote["output"] == f"s3://{BUCKET}/evals/v1-val" and local["output"] == f"{run}/eval-val"
+    assert storage.read_json(f"s3://{BUCKET}/evals/v1-val/results.json")["reconstruction_loss"] == \
         remote["reconstruction_loss"]
+    assert verify_release(RELEASE) == []  # evaluating a release leaves it as published
 
     assert not (tmp_path / "s3:").exists()  # no URL was taken for a local path
 
@@ -160,7 +162,7 @@ def test_label_pretrain_publish_evaluate_through_s3(s3_env, tmp_path, photo_writ
     objects = {key: fs.cat_file(key) for key in fs.find(BUCKET)}
     release = RELEASE.removeprefix("s3://")
     assert {f"{BUCKET}/shards/{s}/{f}" for s in ("train", "val") for f in ("config.yaml", "manifest.json")} | {
-        f"{release}/{f}" for f in ("config.yaml", "manifest.json", "eval-val/config.yaml")} <= set(objects)
+        f"{release}/{f}" for f in ("config.yaml", "manifest.json")} | {f"{BUCKET}/evals/v1-val/config.yaml"} <= set(objects)
     assert {f"{run}/config.yaml", f"{run}/model_config.json", f"{run}/eval-val/config.yaml"} <= set(files)
     assert all(BUCKET.encode() in text for job, text in logs.items() if job != "pretrain")  # the logs are scanned
     assert _leaks(logs) == [] and _leaks(files) == [] and _leaks(objects) == []
