@@ -54,7 +54,6 @@ LATEST = "latest"
 #: the replacement of a local absolute path outside the run folder (followed by ``/<base name>``)
 LOCAL = "<local>"
 #: the results table's file (``pipeline/evaluate/results.py`` ``TABLE_FILE``)
-RESULTS_TABLE_FILE = "results.parquet"
 TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".txt")
 
 
@@ -348,35 +347,28 @@ def _upload(stage: str, names: list[str], dest: str, cfg: PublishConfig) -> list
 
 # ----------------------------------------------------------------------------------------------- model card
 def _run_digest(run: str, tag: str) -> str:
-    """The results table's checkpoint sha256 of a run folder at ``tag`` (as ``pipeline/train/checkpoint.py``
-    ``weights_digest``: sha256 of ``"{tag}:{sha256 of the tag's complete.json}"``); "" without a marker."""
-    import hashlib
+    """The results table's checkpoint sha256 of a run folder at ``tag`` (``weights_digest``); "" without a marker."""
+    from polymae.pipeline.train.checkpoint import weights_digest
 
-    from polymae.datasets import storage
-
-    marker = os.path.join(run, "checkpoints", tag, "complete.json")
-    if not os.path.exists(marker):
+    try:
+        return weights_digest(run, tag)
+    except FileNotFoundError:
         return ""
-    return hashlib.sha256(f"{tag}:{storage.sha256_of(marker)[0]}".encode()).hexdigest()
 
 
 def table_rows_for(table_dir: str, digests: set[str]) -> list[dict]:
     """The results table's rows (``{table_dir}/results.parquet``) whose ``checkpoint_sha256`` is one of ``digests``
     (this tag's run-folder digest, or the release's ``model.safetensors`` sha256); [] without a table, or when it
     cannot be read (logged)."""
-    import io
-
-    from polymae.datasets import storage
+    from polymae.pipeline.evaluate.results import read_table
 
     if not table_dir:
         return []
-    url = f"{table_dir.rstrip('/')}/{RESULTS_TABLE_FILE}"
-    try:
-        import pyarrow.parquet as pq
 
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+    try:
+        rows = read_table(table_dir)
     except Exception as e:  # noqa: BLE001 - a card without the table rather than no release
-        log.warning("results table %s not read (%s: %s): the model card lists no table rows", redact(url),
+        log.warning("results table in %s not read (%s: %s): the model card lists no table rows", redact(table_dir),
                     type(e).__name__, e)
         return []
     return [r for r in rows if r.get("checkpoint_sha256") in digests - {""}]

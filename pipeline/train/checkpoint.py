@@ -590,14 +590,15 @@ def load_encoder(source: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
     return encoder_init_kwargs(mc["init_kwargs"]), model.state_dict(), mc
 
 
-def weights_digest(source: str) -> str:
+def weights_digest(source: str, tag: str | None = None) -> str:
     """sha256 identifying a checkpoint's weights, for results tables: a release's ``model.safetensors`` digest from
     its manifest (or of the file), an official file's own digest, or for a run folder the sha256 of
     ``"{tag}:{sha256 of the tag's complete.json}"`` of its newest complete tag (a run folder's weights live in
-    DeepSpeed shards; the marker is written once per tag and names the step).
+    DeepSpeed shards; the marker is written once per tag and names the step); ``tag`` picks another tag of a run
+    folder than the newest.
 
     Raises:
-        FileNotFoundError: neither a release file nor a complete checkpoint.
+        FileNotFoundError: neither a release file nor a complete checkpoint (or no marker in ``tag``).
     """
     import hashlib
 
@@ -613,8 +614,9 @@ def weights_digest(source: str) -> str:
                 return f["sha256"]
     if storage.exists(f"{src}/{MODEL_FILE}"):
         return storage.sha256_of(f"{src}/{MODEL_FILE}")[0]
-    tag, _ = resume_tag(src)
     if tag is None:
-        raise FileNotFoundError(f"{source}: no release file and no complete checkpoint")
+        tag, _ = resume_tag(src)
+    if tag is None or not storage.exists(os.path.join(src, CHECKPOINTS_DIR, tag, MARKER_FILE)):
+        raise FileNotFoundError(f"{source}: no release file and no complete checkpoint {tag or ''}".rstrip())
     digest = storage.sha256_of(os.path.join(src, CHECKPOINTS_DIR, tag, MARKER_FILE))[0]
     return hashlib.sha256(f"{tag}:{digest}".encode()).hexdigest()

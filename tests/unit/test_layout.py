@@ -22,8 +22,9 @@ CROSS_JOB_IMPORTS = {
     ("evaluate", "polymae.pipeline.train.checkpoint"): {"load_encoder", "load_model", "read_model_config",
                                                        "weights_digest"},
     ("publish", "polymae.pipeline.train.checkpoint"): {"ENCODER_FILE", "MODEL_CONFIG", "MODEL_FILE", "consolidate",
-                                                      "read_model_config"},
+                                                      "read_model_config", "weights_digest"},
     ("publish", "polymae.pipeline.train.metrics_log"): {"read_metrics"},
+    ("publish", "polymae.pipeline.evaluate.results"): {"read_table"},  # the model card's rows of the results table
 }
 MAX_FUNCTION_LINES = 80
 
