@@ -89,14 +89,14 @@ class MetricsLogger:
         wandb_project: also log to this W&B project (``wandb.init(project=..., config=wandb_config,
             resume="allow")``); empty: no W&B.
         wandb_config: the run config shown in W&B.
-        progress: show the tqdm bar (on stderr).
+        progress: show the tqdm bar (on stderr); desc: its label (the job).
     Raises:
         ImportError: ``wandb_project`` set but wandb not installed (the config's preflight checks this first).
     """
 
     def __init__(self, run_dir: str, *, total_steps: int, first_step: int = 0, log_interval: int = 1,
                  enabled: bool = True, wandb_project: str = "", wandb_config: dict | None = None,
-                 progress: bool = True):
+                 progress: bool = True, desc: str = "pretrain"):
         from tqdm import tqdm
 
         self.path = os.path.join(run_dir, METRICS_FILE)
@@ -107,7 +107,7 @@ class MetricsLogger:
             import wandb
 
             self.wandb_run = wandb.init(project=wandb_project, config=wandb_config, resume="allow")
-        self.bar = tqdm(total=total_steps, initial=first_step, disable=not (enabled and progress), desc="pretrain",
+        self.bar = tqdm(total=total_steps, initial=first_step, disable=not (enabled and progress), desc=desc,
                         unit="step", dynamic_ncols=True)
 
     @staticmethod

@@ -376,7 +376,7 @@ class MultitaskTrainer:
         self.setup()
         with self.process_settings(), MetricsLogger(cfg.output, total_steps=cfg.train.steps,
                                                     first_step=self.start_step, log_interval=cfg.train.log_interval,
-                                                    enabled=self.rank == 0) as logger, \
+                                                    enabled=self.rank == 0, desc="multitask") as logger, \
                 background_publisher(cfg.output, cfg.train, self.rank) as publisher:  # train.publish_every, if set
             for step in range(self.start_step, cfg.train.steps):
                 row, stop = self.train_step(step, log_row=logger.due(step + 1))
