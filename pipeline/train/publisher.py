@@ -70,6 +70,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _signal_name(num: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
 class BackgroundPublisher:
     """Publishes tags of a run in a separate process, one at a time (module docstring). Rank 0 only; a context
     manager: on exit it waits for the running and the waiting publish, then (when the block raised nothing) raises
@@ -177,6 +186,10 @@ class BackgroundPublisher:
         if result["status"] == 0:
             log.info("background publish of %s done in %.1f s: %s", result["tag"], result["seconds"],
                      redact(result["dest"]))
+        elif result["status"] is not None and result["status"] < 0:  # a signal: Slurm's preemption reaches it too
+            log.warning("background publish of %s to %s stopped by %s; a failure unless the job is being preempted "
+                        "(then it is published after the requeue); see %s", result["tag"], redact(result["dest"]),
+                        _signal_name(-result["status"]), log_path)
         else:
             log.error("background publish of %s to %s FAILED (exit status %s%s); see %s", result["tag"],
                       redact(result["dest"]), result["status"], f": {why}" if why else "", log_path)

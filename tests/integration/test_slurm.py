@@ -87,7 +87,10 @@ def preempted_pretrain(slurm_cluster, synthetic_shards, tmp_path_factory) -> dic
     t0 = time.perf_counter()
     job = slurm_cluster.sbatch(["--ntasks-per-node=2", *CPU_NODE, f"--output={work}/slurm-%x-%j.out",
                                 str(REPO / "slurm" / "pretrain.sbatch"),
-                                f"data.shards={synthetic_shards}", f"output={run}", *COMMON],
+                                f"data.shards={synthetic_shards}", f"output={run}", *COMMON,
+                                # a release every step from a background process: one is publishing when the
+                                # signal comes (Slurm signals it too); that must not cost the requeue
+                                "train.save_interval=1", "train.publish_every=1", f"train.publish_to={work}/releases"],
                                cwd=work, env=_job_env(POLYMAE_MASTER_PORT=str(free_port()), POLYMAE_LOG_LEVEL="INFO"))
     running = wait_for(lambda: len(read_metrics(str(run))) >= 2
                        or slurm_cluster.job(job)["JobState"] not in ("PENDING", "RUNNING"), timeout=240, every=0.1)
@@ -103,6 +106,7 @@ def preempted_pretrain(slurm_cluster, synthetic_shards, tmp_path_factory) -> dic
     # a held job (priority 0: `scontrol requeuehold`, or a hold after too many launch failures) would never start
     info = slurm_cluster.wait_job(job, lambda i: i["JobState"] in FINAL_STATES or i.get("Priority") == "0", timeout=300)
     return {"run": run, "job": job, "info": info, "requeued": requeued, "signalled_at": signalled_at,
+            "releases": work / "releases",
             "seconds": {"until_signal": t_signal - t0, "signal_to_requeue": t_requeued - t_signal,
                         "requeue_to_end": time.perf_counter() - t_requeued}}
 
@@ -128,6 +132,13 @@ def test_pretrain_sbatch_preempted_requeued_resumes_exactly(preempted_pretrain, 
     rows = read_metrics(str(p["run"]))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == reference_losses
+    # background releases: the preemption stopped the one in flight without failing the job; the last one is whole
+    from polymae.pipeline.publish import verify_release
+
+    assert (p["releases"] / "latest").read_text().strip() == f"step-{STEPS:08d}", log[-6000:]
+    assert verify_release(str(p["releases"] / f"step-{STEPS:08d}")) == []
+    assert "background publish of" in log and "FAILED" not in log, log[-6000:]  # a killed publish is no failure
+    assert re.search(r"preempted: step-\d+ was not published; after the requeue: polymae publish", log), log[-6000:]
 
 
 def test_evaluate_sbatch_on_the_pretrain_run(preempted_pretrain, slurm_cluster, synthetic_shards, tmp_path):
