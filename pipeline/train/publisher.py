@@ -12,7 +12,8 @@ appended to ``{run}/publish.log``.
   the newest waits; the dropped tag is logged).
 * While a tag is being (or waiting to be) published, its folder holds ``publishing``
   (``checkpoint.py`` ``PUBLISHING_FILE``), which :meth:`Checkpointer.prune` respects; the marker is removed when
-  the publish ends. Markers left by a killed run are removed when the next run starts (rank 0).
+  the publish ends. Markers left by a killed run are removed when the next run starts (rank 0), which then first
+  publishes the newest due tag without a complete release (a preemption's checkpoint, say).
 * At the end of training the trainer waits for the running publish and the waiting one. A publish that failed
   (non-zero exit status) is logged as an error when it ends, and the trainer then raises
   :class:`BackgroundPublishError`, so the job exits non-zero after training finished normally.
@@ -247,16 +248,39 @@ class BackgroundPublisher:
             self.raise_failures()
 
 
-def background_publisher(run_dir: str, train_cfg: Any, rank: int) -> BackgroundPublisher:
+def unpublished_tag(run_dir: str, every: int, dest_root: str) -> str | None:
+    """The newest complete tag of the run whose step is a multiple of ``every`` and whose release
+    ``{dest_root}/{tag}`` has no ``manifest.json`` (a publish that a preemption or a crash interrupted), or None."""
+    from polymae.datasets import storage
+    from polymae.pipeline.train.checkpoint import scan_tags, tag_step
+
+    folder = os.path.join(run_dir, CHECKPOINTS_DIR)
+    if not every or not os.path.isdir(folder):
+        return None
+    due = [t for t in scan_tags(folder)[0] if (tag_step(t) or 0) % every == 0]
+    if due and not storage.exists(f"{dest_root.rstrip('/')}/{due[-1]}/manifest.json"):
+        return due[-1]
+    return None
+
+
+def background_publisher(run_dir: str, train_cfg: Any, rank: int, python: str | None = None) -> BackgroundPublisher:
     """The run's publisher: on rank 0, after removing stale markers (:func:`clear_publishing_markers`), one for
-    ``train_cfg.publish_every`` / ``publish_to``; elsewhere, or when ``publish_every`` is 0 (or the section has no
-    such fields), one that does nothing. Use it as a context manager around the training loop."""
+    ``train_cfg.publish_every`` / ``publish_to``, which first publishes the newest due tag an earlier start left
+    unpublished (:func:`unpublished_tag`: e.g. the checkpoint a preemption made); elsewhere, or when
+    ``publish_every`` is 0 (or the section has no such fields), one that does nothing. Use it as a context manager
+    around the training loop. ``python``: the children's interpreter (default: this one)."""
     every = int(getattr(train_cfg, "publish_every", 0) or 0)
     if rank != 0:
         return BackgroundPublisher(run_dir, 0, "")
     clear_publishing_markers(run_dir)
-    return BackgroundPublisher(run_dir, every, str(getattr(train_cfg, "publish_to", "") or ""))
+    dest_root = str(getattr(train_cfg, "publish_to", "") or "")
+    publisher = BackgroundPublisher(run_dir, every, dest_root, python=python)
+    tag = unpublished_tag(run_dir, every, dest_root)
+    if tag is not None:
+        log.info("background publish: %s of an earlier start has no release yet; publishing it now", tag)
+        publisher.submit(tag)
+    return publisher
 
 
 __all__ = ["BackgroundPublisher", "BackgroundPublishError", "background_publisher", "clear_publishing_markers",
-           "child_env", "LOG_FILE"]
+           "child_env", "unpublished_tag", "LOG_FILE"]

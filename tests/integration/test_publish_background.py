@@ -163,6 +163,30 @@ def test_preemption_stops_the_publish_without_failing_the_job(tmp_path, caplog):
         assert pub.interrupt() == [step_tag(2)] and pub.failures() == []
 
 
+def test_a_new_start_publishes_the_newest_due_tag_left_without_a_release(tmp_path):
+    from polymae.pipeline.train.checkpoint import PUBLISHING_FILE, step_tag
+    from polymae.pipeline.train.publisher import background_publisher, unpublished_tag
+
+    run, fake = _fake_run(tmp_path, steps=(2, 3, 4, 5))
+    rel = tmp_path / "rel"
+    assert unpublished_tag(run, 2, str(rel)) == step_tag(4)  # 5 is not due; 4 has no release
+    (rel / step_tag(4)).mkdir(parents=True)
+    (rel / step_tag(4) / "manifest.json").write_text("{}")
+    assert unpublished_tag(run, 2, str(rel)) is None  # the newest due one is published: nothing to catch up
+    assert unpublished_tag(run, 0, str(rel)) is None
+    (rel / step_tag(4) / "manifest.json").unlink()  # a publish interrupted before its manifest
+
+    class _Train:
+        publish_every, publish_to = 2, str(rel)
+
+    pub = background_publisher(run, _Train(), rank=0, python=fake)  # starts publishing step 4 at once
+    assert pub._running["tag"] == step_tag(4)
+    assert os.path.exists(os.path.join(run, "checkpoints", step_tag(4), PUBLISHING_FILE))
+    pub.close()
+    assert [(r["tag"], r["status"]) for r in pub.results] == [(step_tag(4), 0)]
+    assert "tag=step-00000004" in open(os.path.join(run, "calls.txt")).read()
+
+
 def test_prune_skips_a_tag_being_published_and_stale_markers_are_cleared(tmp_path):
     from polymae.pipeline.train.checkpoint import PUBLISHING_FILE, Checkpointer, scan_tags, step_tag
     from polymae.pipeline.train.publisher import background_publisher

@@ -139,6 +139,9 @@ def test_pretrain_sbatch_preempted_requeued_resumes_exactly(preempted_pretrain, 
     assert verify_release(str(p["releases"] / f"step-{STEPS:08d}")) == []
     assert "background publish of" in log and "FAILED" not in log, log[-6000:]  # a killed publish is no failure
     assert re.search(r"preempted: step-\d+ was not published; after the requeue: polymae publish", log), log[-6000:]
+    # the requeued start published the checkpoint the preemption made first
+    assert f"step-{int(stopped[0]):08d} of an earlier start has no release yet; publishing it now" in log, log[-6000:]
+    assert verify_release(str(p["releases"] / f"step-{int(stopped[0]):08d}")) == []
 
 
 def test_evaluate_sbatch_on_the_pretrain_run(preempted_pretrain, slurm_cluster, synthetic_shards, tmp_path):
