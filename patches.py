@@ -346,6 +346,47 @@ def global_torch_seed(seed: int) -> Applied:
     return Applied(f"torch global seed {seed}", restore)
 
 
+def global_rngs_seed(seed: int) -> Applied:
+    """Seed Python's ``random``, numpy's global generator and torch's default CPU generator from ``seed`` (a
+    non-negative int; numpy gets ``seed mod 2**32``); ``restore()`` puts the three previous states back. For
+    libraries that draw from them (timm's RandAugment and RandomErasing) run per sample from a derived seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+    def restore() -> None:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+    return Applied(f"python/numpy/torch CPU global seed {seed}", restore)
+
+
+def numpy_global_state(state: dict) -> Applied:
+    """Put numpy's global generator into ``state["state"]`` (seeded from ``state["seed"]`` the first time); on
+    ``restore()`` save its state back into ``state["state"]`` and put the caller's back. A private numpy stream
+    for a library that draws from ``np.random`` (timm's ``Mixup``) across calls."""
+    import numpy as np
+
+    saved = np.random.get_state()
+    if "state" not in state:
+        np.random.seed(state["seed"])
+    else:
+        np.random.set_state(state["state"])
+
+    def restore() -> None:
+        state["state"] = np.random.get_state()
+        np.random.set_state(saved)
+
+    return Applied("numpy global generator (private stream)", restore)
+
+
 def environment(values: Mapping[str, str], only_unset: bool = True) -> Applied:
     """Set environment variables (``only_unset``: only those not already set, so the user's exported value
     wins); ``restore()`` removes the ones it added and puts back the ones it changed. Used for the ``RAY_*``

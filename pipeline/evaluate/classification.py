@@ -25,7 +25,10 @@ epochs run on them (seconds); with
 its ViT: patch embedding and global tokens are layer 0, block ``i`` layer ``i + 1``, the final norm joins the
 last block, the head is the top layer with scale 1, so block ``i`` of ``depth`` gets ``layer_decay ** (depth - i)``),
 stochastic depth (``drop_path``: the encoder's ``drop_path_rate``, linear over the blocks), random-resized crop
-(scale ``[min_crop_scale, 1]``) + flip, timm's ``Mixup`` (mixup / cutmix with label smoothing) and
+(scale ``[min_crop_scale, 1]``, bicubic) + flip, then timm's RandAugment (``auto_augment``, MAE:
+``rand-m9-mstd0.5-inc1``) and, after normalisation, timm's ``RandomErasing`` (``re_prob`` 0.25, ``re_mode`` "pixel",
+``re_count`` 1) — the stages after the crop of ``timm.data.create_transform(is_training=True)``, as MAE's
+``build_transform`` (:class:`FinetuneAugment`) — timm's ``Mixup`` (mixup / cutmix with label smoothing) and
 ``SoftTargetCrossEntropy``, or ``LabelSmoothingCrossEntropy`` without mixing; per-step warm-up + cosine. The head
 is ``LayerNorm + Linear`` on the mean of the final patch tokens (``pool="mean"``, MAE's global pooling) or
 ``Linear`` on the normed class token (``pool="cls"``), weight trunc-normal std 2e-5.
@@ -44,22 +47,32 @@ Details:
 * ``ctx.device`` is honoured (CPU by default), ``ctx.batch_size`` images per forward pass when encoding, and
   ``ctx.max_samples`` keeps a seeded random subset of each split; the global torch seed is ``ctx.seed`` during the
   run (``patches.global_torch_seed``), and timm's Mixup, which draws from numpy's global generator, runs with that
-  generator in a state seeded by ``ctx.seed`` that is put back after each call.
+  generator in a state seeded by ``ctx.seed`` that is put back after each call;
+* a fine-tuning image's augmentation is a function of ``(seed, epoch, image)`` only, whatever the loader workers: the
+  crop + flip come from ``datasets/class_folder.py``'s per-sample generator, and timm's RandAugment / RandomErasing,
+  which draw from Python's ``random``, numpy's and torch's global CPU generators, run with all three seeded from
+  ``(seed, epoch, image key)`` and put back afterwards (:class:`FinetuneAugment`). With random erasing on, the
+  training batches leave the loader as float32 already normalised (``[B, 3, S, S]``), else as uint8.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from polymae.datasets.class_folder import ClassFolderStream
+from polymae.patches import global_rngs_seed, numpy_global_state
 from polymae.pipeline.config import ConfigError, field_
 
 if TYPE_CHECKING:
@@ -69,7 +82,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LinearProbeConfig", "FinetuneConfig", "ClassSplits", "load_class_splits", "topk_metrics", "PooledHead",
            "ClassifierModel", "build_classifier", "extract_features", "make_probe_optimizer", "make_scheduler",
-           "make_finetune_optimizer", "run_linear_probe", "run_finetune"]
+           "make_finetune_optimizer", "check_auto_augment", "FinetuneAugment", "AugmentedClassFolderStream",
+           "run_linear_probe", "run_finetune"]
 
 TOPK = (1, 5)
 
@@ -176,10 +190,24 @@ class FinetuneConfig(_ClassificationConfig):
     cutmix: float = field_(1.0, help="cutmix alpha (0 = off)")
     label_smoothing: float = field_(0.1, help="label smoothing")
     weight_decay: float = field_(0.05, help="AdamW weight decay (not on 1-d tensors and global tokens)")
+    auto_augment: str = field_("rand-m9-mstd0.5-inc1", help="timm auto-augment policy after the crop + flip "
+                               "(MAE: RandAugment, 2 ops of magnitude 9 +- 0.5, increasing ops); '' = off")
+    re_prob: float = field_(0.25, help="timm random erasing probability per image, after normalisation (0 = off)")
+    re_mode: Literal["const", "rand", "pixel"] = field_("pixel", help="erased values: const (0), rand (normal per "
+                                                        "channel) or pixel (normal per pixel), normalised units")
+    re_count: int = field_(1, help="most erased rectangles per image (timm's max_count)")
 
     def validate(self) -> None:
-        """Shared checks, then the fine-tuning ranges."""
+        """Shared checks, then the fine-tuning ranges; ``auto_augment`` must be a policy timm builds
+        (:func:`check_auto_augment`)."""
         super().validate()
+        check_auto_augment(self.auto_augment, self.img_size)
+        if not 0 <= self.re_prob <= 1:
+            raise ConfigError("finetune.re_prob", f"must be in [0, 1], got {self.re_prob}")
+        if self.re_mode not in ("const", "rand", "pixel"):
+            raise ConfigError("finetune.re_mode", f"must be const, rand or pixel, got {self.re_mode!r}")
+        if self.re_count < 1:
+            raise ConfigError("finetune.re_count", f"must be >= 1, got {self.re_count}")
         if self.micro_batch < 0:
             raise ConfigError("finetune.micro_batch", f"must be >= 0, got {self.micro_batch}")
         if not 0 < self.layer_decay <= 1:
@@ -191,6 +219,137 @@ class FinetuneConfig(_ClassificationConfig):
                 raise ConfigError(f"finetune.{key}", f"must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("finetune.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+
+
+# -------------------------------------------------------------------------------- fine-tuning augmentation
+_AA_SECTION = re.compile(r"[a-z]+[0-9][0-9.]*")  # a <key><number> section of timm's policy strings (m9, mstd0.5)
+
+
+def _posterize_any_bits(img, bits_to_keep: int, **_):
+    """timm's ``posterize`` op, with ``bits_to_keep < 1`` giving a black image (what older Pillow's LUT gave, and so
+    what MAE trained with): timm 1.0.31's ``PosterizeIncreasing`` (RandAugment ``inc1``) / ``Posterize`` keep
+    ``4 - int(0.4 m)`` / ``int(0.4 m)`` bits, i.e. 0 at magnitude 10 (``m9-mstd0.5`` clips N(9, 0.5) draws to 10
+    about 2% of the time), and Pillow 13 ``ImageOps.posterize`` raises ``ValueError`` for bits outside 1..8."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    return Image.new(img.mode, img.size) if bits_to_keep < 1 else posterize(img, bits_to_keep)
+
+
+def _timm_stages(auto_augment: str, img_size: int, re_prob: float, re_mode: str, re_count: int):
+    """``(secondary, final)``: the stages after the crop + flip of timm's ``create_transform(is_training=True,
+    separate=True)`` with MAE's settings (bicubic, ImageNet mean/std, no colour jitter): the auto-augment policy
+    (an empty ``Compose`` when off), then ``ToTensor + Normalize`` (+ ``RandomErasing`` when ``re_prob > 0``). The
+    policy's posterize ops (these instances only) use :func:`_posterize_any_bits`."""
+    from timm.data import create_transform
+
+    from polymae.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    _, secondary, final = create_transform(img_size, is_training=True, auto_augment=auto_augment or None,
+                                           color_jitter=None, interpolation="bicubic", mean=IMAGENET_MEAN,
+                                           std=IMAGENET_STD, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+                                           separate=True)
+    for t in secondary.transforms:  # RandAugment / AugMix: .ops; AutoAugment: .policy (lists of ops)
+        ops = list(getattr(t, "ops", [])) + [op for sub in getattr(t, "policy", []) for op in sub]
+        for op in ops:
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize_any_bits
+    return secondary, final
+
+
+def check_auto_augment(policy: str, img_size: int = 224) -> None:
+    """Check a timm auto-augment policy string (``timm.data.auto_augment``: ``rand-...`` RandAugment, ``augmix-...``,
+    ``original`` / ``v0`` / ... AutoAugment) by building it once (a fraction of a millisecond). ``""`` is off.
+
+    Every ``-`` section after the policy name must be ``<key><number>`` (``m9``, ``mstd0.5``, ``inc1``; RandAugment
+    also ``t<name>``), since timm silently ignores other sections (e.g. ``inc`` without its value).
+
+    Raises:
+        ConfigError: ``finetune.auto_augment``, naming the string and timm's complaint.
+    """
+    if not policy:
+        return
+    name, *sections = policy.split("-")
+    bad = [c for c in sections if not (_AA_SECTION.fullmatch(c) or (name == "rand" and len(c) > 1 and c[0] == "t"))]
+    if bad:
+        raise ConfigError("finetune.auto_augment", f"{policy!r}: section(s) {bad} are not <key><number> (timm "
+                          "would ignore them); MAE's policy is 'rand-m9-mstd0.5-inc1', '' = off")
+    try:
+        _timm_stages(policy, img_size, 0.0, "const", 1)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError("finetune.auto_augment", f"timm does not build {policy!r} ({type(e).__name__}: {e}); "
+                          "MAE's policy is 'rand-m9-mstd0.5-inc1', '' = off") from None
+
+
+def _augment_seed(seed: int, epoch: int, key: str) -> int:
+    """A 63-bit seed determined by ``(seed, epoch, key)`` only (not the crop's generator: another hash tag)."""
+    h = hashlib.blake2b(f"polymae-finetune-augment/{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class FinetuneAugment:
+    """MAE's fine-tuning augmentation after the random-resized crop + flip (He et al. 2022, App. A.3 / Table 9
+    "RandAug (9, 0.5)"; the reference ``main_finetune.py``: ``--aa rand-m9-mstd0.5-inc1 --reprob 0.25 --remode pixel
+    --recount 1``), through timm: the stages of ``timm.data.create_transform(is_training=True, separate=True)`` that
+    follow its crop (RandAugment, then ``ToTensor + Normalize`` and ``RandomErasing``), bicubic, ImageNet mean/std.
+
+    Args:
+        img_size: side ``S`` of the images (already cropped, flipped and resized; RandAugment translates by up to
+            ``0.45 S`` px at full magnitude, as timm); auto_augment, re_prob, re_mode, re_count: as
+            :class:`FinetuneConfig` (``""`` / ``0``: off).
+    Call: ``(rgb uint8 [3, S, S], seed int >= 0) -> [3, S, S]``: uint8 after the policy when ``re_prob == 0``,
+        else float32 ImageNet-normalised (``(x / 255 - mean) / std``) with erased rectangles (random erasing works in
+        normalised units). The output is a function of ``(rgb, seed)`` only: timm's draws come from Python's, numpy's
+        and torch's global CPU generators, seeded from ``seed`` during the call and put back afterwards.
+    Raises:
+        ConfigError: a policy timm does not build (``finetune.auto_augment``, :func:`check_auto_augment`).
+    """
+
+    def __init__(self, img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
+                 re_mode: str = "pixel", re_count: int = 1):
+        check_auto_augment(auto_augment, img_size)
+        self.secondary, self.final = _timm_stages(auto_augment, img_size, re_prob, re_mode, re_count)
+        self.erasing = re_prob > 0
+
+    @classmethod
+    def from_config(cls, cfg: FinetuneConfig) -> FinetuneAugment | None:
+        """The augmentation of ``cfg`` (``img_size``, ``auto_augment``, ``re_*``); None when both are off."""
+        if not cfg.auto_augment and cfg.re_prob <= 0:
+            return None
+        return cls(cfg.img_size, cfg.auto_augment, cfg.re_prob, cfg.re_mode, cfg.re_count)
+
+    def __call__(self, rgb: torch.Tensor, seed: int) -> torch.Tensor:
+        """Augment one image (class docstring)."""
+        from PIL import Image
+
+        img = Image.fromarray(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()))
+        with global_rngs_seed(seed):
+            img = self.secondary(img)
+            if self.erasing:
+                return self.final(img).contiguous()
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class AugmentedClassFolderStream(ClassFolderStream):
+    """A training :class:`~polymae.datasets.class_folder.ClassFolderStream` (its order, crop + flip, skips) whose
+    images then go through ``augment`` (a :class:`FinetuneAugment`) seeded by ``(seed, epoch, image key)``, so an
+    image's tensor depends on those only (not on the worker, the batch or what ran before).
+
+    Args: as ``ClassFolderStream``, plus ``augment``. Items: ``rgb`` ``[B, 3, S, S]`` (uint8, or float32 already
+    ImageNet-normalised when ``augment`` erases), ``cls`` int64 ``[B]``, ``key``.
+    Raises: as ``ClassFolderStream``.
+    """
+
+    def __init__(self, *args, augment: FinetuneAugment, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.augment = augment
+
+    def _load(self, pos: int) -> dict | None:
+        out = super()._load(pos)
+        if out is not None:
+            _, epoch = self._index(pos)
+            out["rgb"] = self.augment(out["rgb"], _augment_seed(self.seed, epoch, out["key"]))
+        return out
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -401,14 +560,27 @@ def _autocast(device: str, precision: str):
 
 
 def _stream(samples, micro: int, img_size: int, root: str, num_workers: int, seed: int, scale=None,
-            infinite: bool = False):
+            infinite: bool = False, augment: FinetuneAugment | None = None):
     """A DataLoader over a :class:`~polymae.datasets.class_folder.ClassFolderStream` (``scale=None``: central
-    crop)."""
-    from polymae.datasets.class_folder import ClassFolderStream
+    crop), or an :class:`AugmentedClassFolderStream` when ``augment`` is given."""
     from polymae.datasets.loader import make_loader
 
-    stream = ClassFolderStream(samples, micro, img_size, root=root, scale=scale, seed=seed, infinite=infinite)
+    kw = dict(root=root, scale=scale, seed=seed, infinite=infinite)
+    stream = ClassFolderStream(samples, micro, img_size, **kw) if augment is None \
+        else AugmentedClassFolderStream(samples, micro, img_size, augment=augment, **kw)
     return make_loader(stream, num_workers)
+
+
+def _rgb_inputs(batch: dict, device: str) -> torch.Tensor:
+    """The batch's ``rgb`` as the model's input, float32 ``[B, 3, S, S]`` ImageNet-normalised on ``device``: a float
+    batch (:class:`FinetuneAugment` with random erasing) is already normalised and only moved; a uint8 one goes
+    through ``datasets/transforms.py`` ``to_model_inputs``."""
+    from polymae.datasets.transforms import to_model_inputs
+
+    rgb = batch["rgb"]
+    if rgb.is_floating_point():
+        return rgb.to(device, torch.float32, non_blocking=True)
+    return to_model_inputs(batch, device, ["rgb"])["rgb"]
 
 
 @torch.no_grad()
@@ -618,24 +790,6 @@ def run_linear_probe(cfg: LinearProbeConfig, ctx: EvalContext, model: Classifier
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning
-@contextlib.contextmanager
-def _numpy_rng(state: dict):
-    """Run a block with numpy's global generator in ``state["state"]`` (seeded from ``state["seed"]`` the first
-    time) and put the caller's generator state back afterwards: timm's ``Mixup`` draws from ``np.random``."""
-    import numpy as np
-
-    saved = np.random.get_state()
-    if "state" not in state:
-        np.random.seed(state["seed"])
-    else:
-        np.random.set_state(state["state"])
-    try:
-        yield
-    finally:
-        state["state"] = np.random.get_state()
-        np.random.set_state(saved)
-
-
 def _finetune_parts(cfg: FinetuneConfig, num_classes: int, micro: int):
     """``(mixup or None, criterion)``: timm's ``Mixup`` + ``SoftTargetCrossEntropy`` when mixup or cutmix is on,
     else ``LabelSmoothingCrossEntropy`` (or plain cross-entropy without smoothing).
@@ -679,14 +833,12 @@ def _finetune_step(model, batches, accum: int, mix, criterion, ctx: EvalContext,
                    mix_rng: dict) -> float:
     """One optimiser step's forward/backward over ``accum`` micro-batches (mixed by ``mix`` under the numpy state
     ``mix_rng``); returns the mean loss."""
-    from polymae.datasets.transforms import to_model_inputs
-
     total = 0.0
     for _ in range(accum):
         b = next(batches)
-        x, y = to_model_inputs(b, ctx.device, ["rgb"])["rgb"], b["cls"].to(ctx.device)
+        x, y = _rgb_inputs(b, ctx.device), b["cls"].to(ctx.device)
         if mix is not None:
-            with _numpy_rng(mix_rng):
+            with numpy_global_state(mix_rng):
                 x, y = mix(x, y)
         with _autocast(ctx.device, precision):
             logits = model(x)
@@ -717,7 +869,7 @@ def _train_finetune(model: ClassifierModel, cfg: FinetuneConfig, splits: ClassSp
     opt = make_finetune_optimizer(model, cfg, lr)
     sched = make_scheduler(opt, cfg, steps)
     batches = iter(_stream(splits.train, micro, cfg.img_size, splits.train_root, cfg.num_workers, ctx.seed,
-                           scale=(cfg.min_crop_scale, 1.0), infinite=True))
+                           scale=(cfg.min_crop_scale, 1.0), infinite=True, augment=FinetuneAugment.from_config(cfg)))
     mix_rng = {"seed": ctx.seed}
     log.info("fine-tune: %d training images, batch %d (%d x %d), %d steps/epoch, lr %.4g", len(splits.train),
              micro * accum, accum, micro, steps, lr)
@@ -763,5 +915,6 @@ def run_finetune(cfg: FinetuneConfig, ctx: EvalContext, model: ClassifierModel |
         model.to(ctx.device)
         history, settings = _train_finetune(model, cfg, splits, ctx)
     settings.update(pool=cfg.pool, layer_decay=cfg.layer_decay, drop_path=cfg.drop_path, mixup=cfg.mixup,
-                    cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay)
+                    cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing, weight_decay=cfg.weight_decay,
+                    auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count)
     return _result(splits, history, {"settings": settings})

@@ -5,7 +5,8 @@ tiny random-weight MultiMAE release (4 blocks, 32 wide, 32 px; ``multitask_helpe
   (0.5) on random features, no top-5 with two classes, and the encoder bit-identical afterwards (frozen);
 * linear probe on scikit-learn's ``load_digits`` (10 classes): top-5 >= top-1, both well above chance;
 * the augmented probe, with a corrupt val image counted as a skip; seeded subsets (``ctx.max_samples``);
-* fine-tuning changes every encoder block, with drop path on the blocks and the batch / lr settings used;
+* fine-tuning (with MAE's RandAugment + random erasing, the defaults) changes every encoder block, with drop path
+  on the blocks and the batch / lr / augmentation settings used;
 * a val class absent from train, and an odd micro-batch under mixup, are ConfigErrors naming the key."""
 
 import os
@@ -132,12 +133,29 @@ def test_finetune_trains_every_block(encoder, lfw, tmp_path):
     assert set(res["metrics"]) == {"top1", "top1_best"} and 0 <= res["metrics"]["top1"] <= 1
     s = res["settings"]
     assert (s["batch_size"], s["micro_batch"], s["steps_per_epoch"], s["lr"]) == (32, 16, 5, 1e-3 * 32 / 256)
+    assert (s["auto_augment"], s["re_prob"], s["re_mode"], s["re_count"]) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel", 1)
     assert [r["epoch"] for r in res["history"]] == [1, 2]
     assert res["history"][0]["lr"] == pytest.approx(1e-3 * 32 / 256 * 4 / 5)  # head group, step 4 of 5 warm-up
     after = model.net.encoder.state_dict()
     for i in range(len(blocks)):
         assert not torch.equal(before[f"encoder.{i}.attn.qkv.weight"], after[f"encoder.{i}.attn.qkv.weight"])
     assert not torch.equal(before["input_adapters.rgb.proj.weight"], after["input_adapters.rgb.proj.weight"])
+
+
+def test_augmented_finetune_is_the_same_with_loader_workers(encoder, lfw, tmp_path):
+    # RandAugment / random erasing are seeded per (seed, epoch, image): two worker processes (each with its own
+    # global generators) give the very same run as the main process alone, loss for loss and weight for weight
+    cfg = dict(data=lfw, img_size=IMG, epochs=1, warmup_epochs=0, batch_size=32, micro_batch=16, blr=1e-3,
+               re_prob=1.0)
+    runs = []
+    for workers in (0, 2):
+        torch.manual_seed(0)  # the same head initialisation
+        model = build_classifier(encoder, num_classes=2, pool="mean", style="finetune", drop_path=0.1)
+        res = run_finetune(FinetuneConfig(num_workers=workers, **cfg), _ctx(encoder, tmp_path), model=model)
+        runs.append((res["history"], model.state_dict()))
+    (h0, w0), (h2, w2) = runs
+    assert h0 == h2 and h0[0]["loss"] > 0
+    assert all(torch.equal(w0[k], w2[k]) for k in w0)
 
 
 def test_finetune_refuses_an_odd_micro_batch_under_mixup(encoder, lfw, tmp_path):

@@ -197,3 +197,42 @@ def test_kill_daemon_children_at_exit_lets_the_process_end(tmp_path, mode):
     assert r.returncode == 0, r.stderr[-2000:]
     pid = int(r.stdout.split()[0])
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_global_rngs_seed_is_reproducible_and_restores_all_three():
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    before = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    draws = []
+    for _ in range(2):
+        with patches.global_rngs_seed(2**40 + 3):
+            draws.append((random.random(), np.random.rand(), torch.rand(()).item()))
+    assert draws[0] == draws[1] and draws[0] != before
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == before  # the caller's streams go on
+
+
+def test_numpy_global_state_is_a_private_stream():
+    import numpy as np
+
+    np.random.seed(5)
+    expected_outer = np.random.rand(3)
+    np.random.seed(5)
+    first = np.random.rand(1)
+    stream = {"seed": 11}
+    with patches.numpy_global_state(stream):
+        a = np.random.rand(2)
+    with patches.numpy_global_state(stream):
+        b = np.random.rand(2)
+    rest = np.random.rand(2)  # the caller's stream goes on as if the blocks had not drawn
+    assert np.array_equal(np.concatenate([first, rest]), expected_outer)
+    np.random.seed(11)
+    assert np.array_equal(np.concatenate([a, b]), np.random.rand(4))  # one private stream across the two blocks
