@@ -83,6 +83,10 @@ class EvaluateConfig:
         from polymae.datasets import storage
 
         ckpt = self.checkpoint
+        if not ckpt:
+            if self.protocol == "coco" and self.coco.results:
+                return  # scoring prediction files of any model: no checkpoint needed (coco's own preflight runs)
+            raise ConfigError("checkpoint", "is empty (only protocol=coco with coco.results needs none)")
         if "://" not in ckpt and not ckpt.endswith((".pth", ".pt", ".safetensors")) \
                 and not os.path.exists(os.path.join(ckpt, "model_config.json")):
             raise ConfigError("checkpoint", f"{ckpt!r} has no model_config.json (not a run or release folder)")
@@ -106,11 +110,26 @@ def output_folder(cfg: EvaluateConfig) -> str:
     if cfg.output:
         return cfg.output
     name = f"eval-{cfg.split}" if cfg.protocol == "pretrain" else f"eval-{cfg.protocol}"
-    ckpt = cfg.checkpoint.rstrip("/")
+    ckpt = (cfg.checkpoint or subject(cfg)).rstrip("/")
     if "://" not in ckpt and os.path.isdir(ckpt):
         return os.path.join(ckpt, name)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ckpt.split("://")[-1]).strip("_")
     return os.path.join(cfg.results_table or "work/results", "runs", slug, name)
+
+
+def subject(cfg: EvaluateConfig) -> str:
+    """What the results are of: the checkpoint, or without one (``protocol=coco`` scoring files) the results
+    files, comma-joined; the results table's ``checkpoint`` column."""
+    return cfg.checkpoint or ",".join(cfg.coco.results)
+
+
+def _predictions_digest(urls: list[str]) -> str:
+    """sha256 over the sha256 of each prediction file, in order: the table's digest when there is no checkpoint."""
+    import hashlib
+
+    from polymae.datasets import storage
+
+    return hashlib.sha256("".join(storage.sha256_of(u)[0] for u in urls).encode()).hexdigest()
 
 
 def _run_protocol(cfg: EvaluateConfig, ctx) -> dict:
@@ -138,9 +157,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     and the results table rows; print the summary. Returns the results (``output`` = the results folder)."""
     from polymae.pipeline.evaluate.results import EvalContext, finish
 
-    ctx = EvalContext(checkpoint=cfg.checkpoint, output=output_folder(cfg), device=cfg.device, seed=cfg.seed,
+    ctx = EvalContext(checkpoint=subject(cfg), output=output_folder(cfg), device=cfg.device, seed=cfg.seed,
                       batch_size=cfg.batch_size, max_samples=cfg.max_samples)
-    results = finish(cfg.protocol, _run_protocol(cfg, ctx), ctx, cfg, cfg.results_table)
+    res = _run_protocol(cfg, ctx)
+    if not cfg.checkpoint:  # coco on prediction files of any model: identified by their bytes
+        res["checkpoint_sha256"] = _predictions_digest(list(cfg.coco.results))
+    results = finish(cfg.protocol, res, ctx, cfg, cfg.results_table)
     print_summary(results)
     results["output"] = ctx.output
     return results

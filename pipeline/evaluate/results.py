@@ -238,7 +238,7 @@ def finish(protocol: str, results: dict, ctx: EvalContext, cfg: Any, table_dir: 
 
     ctx.close()
     results = dict(results, protocol=protocol, checkpoint=ctx.checkpoint, config=to_dict(cfg),
-                   checkpoint_sha256=checkpoint_sha256(ctx.checkpoint),
+                   checkpoint_sha256=results.get("checkpoint_sha256") or checkpoint_sha256(ctx.checkpoint),
                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    pictures=list(ctx.pictures))
     storage.makedirs(ctx.output)

@@ -198,3 +198,25 @@ def test_settings_that_do_not_fit_are_config_errors(coco, tmp_path):
     with pytest.raises(ConfigError) as e:
         C.CocoConfig(annotations=files["instances"], results=[str(tmp_path / "nope.json")]).preflight()
     assert e.value.key == "coco.results"
+
+
+def test_evaluate_scores_prediction_files_of_any_model_without_a_checkpoint(coco, tmp_path, capsys):
+    """`polymae evaluate protocol=coco checkpoint= coco.results=...`: predictions from any model are scored and the
+    table row is keyed by the file, its digest the sha256 of the files' digests; no checkpoint without results is
+    an error naming the key."""
+    from polymae.jobs.evaluate import main
+    from polymae.pipeline.evaluate.results import read_table
+
+    files, _ = coco
+    preds = _write(tmp_path, "boxes.json", _boxes())
+    table = str(tmp_path / "table")
+    assert main(["protocol=coco", "checkpoint=", f"coco.annotations={files['instances']}", f"coco.results={preds}",
+                 f"results_table={table}", f"output={tmp_path / 'out'}"]) == 0
+    res = json.load(open(tmp_path / "out" / "results.json"))
+    digest = hashlib.sha256(hashlib.sha256(open(preds, "rb").read()).hexdigest().encode()).hexdigest()
+    assert res["checkpoint"] == preds and res["checkpoint_sha256"] == digest and res["metrics"]["bbox_AP"] == 1.0
+    rows = read_table(table)
+    assert {(r["checkpoint"], r["metric"]) for r in rows} >= {(preds, "bbox_AP")}
+    with pytest.raises(SystemExit) as e:
+        main(["protocol=depth", "checkpoint="])
+    assert e.value.code == 2 and "'checkpoint'" in capsys.readouterr().err
