@@ -100,6 +100,8 @@ class DenseConfig:
     head_width: int = field_(256, help="channels of the head (ConvNeXt width / DPT fusion features)")
     num_workers: int = field_(4, help="data loader worker processes (0 = in the main process)")
     pictures: int = field_(4, help="validation images drawn as input | prediction | target")
+    save_model: bool = field_(True, help="write each fine-tuned model (encoder + head) as a loadable folder "
+                              "{output}/finetuned-<inputs>/ (model.safetensors + model_config.json)")
     amp: bool = field_(True, help="bf16 autocast on CUDA (losses and metrics in float32)")
 
     def validate(self) -> None:
@@ -543,6 +545,8 @@ def _run_dense(cfg: DenseConfig, ctx) -> dict:
         extra["scored_images"][inp] = res.pop("images")
         extra["pictures_of"][inp] = _save_pictures(cfg, ctx, val_ds, res.pop("shown"), inp)
         extra["details"][inp] = res
+        if cfg.save_model:
+            extra.setdefault("models", {})[inp] = _save_model(model, ctx, cfg, inp)
         log.info("%s@%s: %s", cfg.KEY, inp, {k: round(v, 4) for k, v in metrics.items() if k.endswith(f"@{inp}")})
         del model
     files = [f for split in samples.values() for s in split for f in s.files.values()]
@@ -550,6 +554,25 @@ def _run_dense(cfg: DenseConfig, ctx) -> dict:
             "dataset": {"path": cfg.root, "fingerprint": fingerprint_files(cfg.root, files),
                         "samples": {k: len(v) for k, v in samples.items()}},
             "layout": cfg.layout, "inputs": list(cfg.inputs), **extra}
+
+
+def _save_model(model: DenseModel, ctx, cfg: DenseConfig, inp: str) -> str:
+    """Write the fine-tuned ``model`` as ``{output}/finetuned-<inp>/`` (``model.safetensors`` + ``model_config.json``
+    with ``init_kwargs`` and ``heads``), which ``pipeline/train/checkpoint.py`` ``load_model`` rebuilds as a
+    multitask model; returns the folder relative to the output."""
+    from safetensors.torch import save
+
+    from polymae.datasets import storage
+
+    rel = f"finetuned-{inp.replace('+', '_')}"
+    folder = storage.join(ctx.output, rel)
+    storage.makedirs(folder)
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes_atomic(f"{folder}/model.safetensors", save(sd, metadata={"format": "pt"}))
+    mc = {"name": f"{cfg.KEY}-finetuned", "init_kwargs": dict(model.init_kwargs, drop_path_rate=0.0),
+          "heads": model.head_specs, "finetuned": {"protocol": cfg.KEY, "inputs": inp, "layout": cfg.layout}}
+    storage.write_json_atomic(f"{folder}/model_config.json", mc)
+    return rel
 
 
 def run_semseg(cfg: SemsegConfig, ctx) -> dict:

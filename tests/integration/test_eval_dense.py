@@ -15,6 +15,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 
 from polymae.datasets.samples import write_horse_ade20k, write_motorcycle_nyuv2
@@ -116,6 +117,20 @@ def test_depth_rgb_and_rgb_depth_score_every_valid_pixel_of_the_split(data, tmp_
         loss = res["train_loss"][inp]
         assert len(loss) == 12 and np.mean(loss[-3:]) < 0.6 * np.mean(loss[:3]), loss  # berHu, metres
         _check_pictures(ctx.output, res["pictures_of"][inp], 2, (120, 160))
+    # the saved fine-tuned model loads (load_model: a multitask model) and, re-scored, gives the same metrics
+    from safetensors.torch import load_file
+
+    from polymae.pipeline.evaluate import dense as D
+    from polymae.pipeline.train.checkpoint import load_model
+
+    folder = os.path.join(ctx.output, res["models"]["rgb"])
+    loaded, mc = load_model(folder)
+    assert set(loaded.heads) == {"depth"} and mc["finetuned"]["inputs"] == "rgb"
+    again = D.DenseModel(mc["init_kwargs"], mc["heads"])
+    again.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+    _, val_ds = D._datasets(cfg, D.preflight_dense(cfg), "rgb", 0)
+    rescored = D._evaluate(again, cfg, val_ds, "rgb", 2, torch.device("cpu"))["metrics"]
+    assert rescored["delta1"] == res["metrics"]["delta1@rgb"] and rescored["rmse"] == res["metrics"]["rmse@rgb"]
     # 3 val images in batches of 2 -> batches of 2 and 1 images: the per-batch mean weighs them differently
     assert res["metrics"]["rmse_batch_mean@rgb"] != pytest.approx(res["metrics"]["rmse@rgb"], rel=1e-9)
 
