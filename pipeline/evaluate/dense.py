@@ -174,6 +174,9 @@ class DepthConfig(DenseConfig):
     units_per_metre: float = field_(1000.0, help="depth PNG value of one metre (NYUv2 millimetres: 1000)")
     berhu_c: float = field_(0.2, help="berHu threshold c as a fraction of the batch's largest |residual| (Laina: 0.2)")
     layers: list[int] = field_([], help="the 4 encoder blocks the DPT head reads (empty: evenly spaced, last = final)")
+    eval_crop: Literal["none", "eigen"] = field_("none", help="pixels scored: none = every valid pixel; eigen = only "
+                                                 "Eigen et al.'s NYUv2 crop (rows 45:471, columns 41:601 of 480x640, "
+                                                 "scaled to the label's size), as BTS/AdaBins/DPT report")
 
     def validate(self) -> None:
         """:meth:`DenseConfig.validate` plus the depth settings. Raises :class:`ConfigError` naming the key."""
@@ -413,13 +416,30 @@ def _train(model: DenseModel, cfg: DenseConfig, ds, inp: str, seed: int, device:
     return losses
 
 
+#: Eigen et al. (2014)'s evaluation crop of NYUv2's 480x640 frames: (top, bottom, left, right) as fractions
+EIGEN_CROP = (45 / 480, 471 / 480, 41 / 640, 601 / 640)
+
+
+def eigen_crop(target: torch.Tensor) -> torch.Tensor:
+    """``target`` ``[H, W]`` (depth, metres) with every pixel outside :data:`EIGEN_CROP` (scaled to ``H x W``) set to
+    0, i.e. invalid for the metrics."""
+    H, W = target.shape[-2:]
+    top, bottom, left, right = (round(f * n) for f, n in zip(EIGEN_CROP, (H, H, W, W)))
+    out = torch.zeros_like(target)
+    out[..., top:bottom, left:right] = target[..., top:bottom, left:right]
+    return out
+
+
 def _per_image(cfg: DenseConfig, pred: torch.Tensor, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(prediction, target)`` of each image at the target's resolution: class ids (argmax of the bilinearly
-    resized logits) or depth in metres (resized bilinearly, clamped to ``[1 mm, max_depth]``)."""
+    resized logits) or depth in metres (resized bilinearly, clamped to ``[1 mm, max_depth]``; with
+    ``eval_crop=eigen`` the target outside the crop is invalid)."""
     out = []
     for i, t in enumerate(targets):
         p = F.interpolate(pred[i:i + 1].float(), size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)[0]
         p = p.argmax(0) if isinstance(cfg, SemsegConfig) else p[0].clamp(1e-3, cfg.max_depth)
+        if getattr(cfg, "eval_crop", "none") == "eigen":
+            t = eigen_crop(t)
         out.append((p.cpu(), t.cpu()))
     return out
 

@@ -239,3 +239,14 @@ def test_layer_decay_groups(tiny_model):
     assert scale_of[id(named["encoder.encoder.0.mlp.fc1.weight"])] == (0.125, 0.05)
     assert scale_of[id(named["encoder.input_adapters.depth.proj.weight"])] == (0.0625, 0.05)
     assert scale_of[id(named["encoder.global_tokens"])] == (0.0625, 0.0)  # no weight decay on tokens
+
+
+def test_eigen_crop_keeps_exactly_the_crop_of_a_480x640_frame():
+    from polymae.pipeline.evaluate.dense import eigen_crop
+
+    t = torch.ones(480, 640)
+    c = eigen_crop(t)
+    assert int(c.sum()) == (471 - 45) * (601 - 41)  # 426 x 560 pixels scored
+    assert c[45, 41] == 1 and c[44, 41] == 0 and c[470, 600] == 1 and c[471, 600] == 0 and c[45, 601] == 0
+    half = eigen_crop(torch.ones(240, 320))  # a half-size label: the crop scales with it
+    assert int(half.sum()) == (236 - 22) * (300 - 20)
