@@ -50,7 +50,6 @@ palette with ignored pixels black; depth from near = dark to far = bright, inval
 
 from __future__ import annotations
 
-import colorsys
 import logging
 import math
 from dataclasses import dataclass
@@ -478,29 +477,18 @@ def _evaluate(model: DenseModel, cfg: DenseConfig, ds, inp: str, batch_size: int
             "valid_pixels": metric.n, "batches_without_valid_pixels": metric.empty_batches}
 
 
-def _palette(k: int) -> np.ndarray:
-    """``[k, 3]`` uint8 distinct class colours (golden-ratio hues)."""
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.95)]
-                     for i in range(k)], dtype=np.uint8)
-
-
-#: depth colour ramp, near to far (dark violet, blue, teal, green, yellow)
-_RAMP = np.array([[48, 18, 59], [50, 100, 200], [30, 170, 160], [120, 210, 80], [250, 230, 40]], dtype=np.float64)
-
-
 def _colour(cfg: DenseConfig, x: torch.Tensor, hi: float) -> np.ndarray:
     """Class ids or depth ``[H, W]`` as uint8 ``[H, W, 3]``: class palette (ignored/out of range black), or the
     depth ramp over ``[0, hi]`` metres (invalid black)."""
+    from polymae.pipeline.colours import colour_ramp, semseg_palette
+
     a = x.numpy()
     if isinstance(cfg, SemsegConfig):
-        pal = np.concatenate([_palette(cfg.num_classes), np.zeros((1, 3), np.uint8)])
+        pal = np.concatenate([semseg_palette(cfg.num_classes), np.zeros((1, 3), np.uint8)])
         return pal[np.where((a >= 0) & (a < cfg.num_classes), a, cfg.num_classes)]
     valid = np.isfinite(a) & (a > 0)
-    t = np.clip(np.where(valid, a, 0.0) / max(hi, 1e-6), 0.0, 1.0) * (len(_RAMP) - 1)
-    lo = np.floor(t).astype(int).clip(0, len(_RAMP) - 2)
-    f = (t - lo)[..., None]
-    rgb = _RAMP[lo] * (1 - f) + _RAMP[lo + 1] * f
-    return np.where(valid[..., None], rgb, 0.0).round().astype(np.uint8)
+    rgb = colour_ramp(1.0 - np.where(valid, a, 0.0) / max(hi, 1e-6))  # near bright, as in the label preview
+    return np.where(valid[..., None], rgb, 0).astype(np.uint8)
 
 
 def _save_pictures(cfg: DenseConfig, ctx, ds, shown: list, inp: str, max_height: int = 256) -> list[str]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+
+from polymae.pipeline.colours import colour_ramp, semseg_palette
 import torch
 
 from polymae.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -38,7 +40,6 @@ GAP = 2
 #: modalities a picture can show, in this order when the model has them
 PICTURE_MODALITIES = ("rgb", "depth", "semseg")
 #: viridis-like anchors (evenly spaced from 0 to 1), interpolated linearly per channel
-DEPTH_COLORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
 SEMSEG_STRIDE = 4
 
 
@@ -52,22 +53,9 @@ def denormalize_rgb(x: torch.Tensor) -> np.ndarray:
 
 def colorize_depth(d: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """A depth map ``[..., H, W]`` (any real values) colour-mapped between ``lo`` and ``hi`` (clipped) through
-    :data:`DEPTH_COLORS`: uint8 ``[..., H, W, 3]``."""
-    t = np.clip((np.asarray(d, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros(np.shape(d))
-    xs = np.linspace(0.0, 1.0, len(DEPTH_COLORS))
-    return np.rint(np.stack([np.interp(t, xs, DEPTH_COLORS[:, c]) for c in range(3)], axis=-1)).astype(np.uint8)
-
-
-def semseg_palette(num: int) -> np.ndarray:
-    """A fixed palette of ``num`` distinct colours, uint8 ``[num, 3]``: the bits of ``i + 1`` spread over the high
-    bits of r, g, b (bit 0 -> r, bit 1 -> g, bit 2 -> b, then the next lower bit), so no class is black and
-    neighbouring ids differ strongly."""
-    ids = np.arange(1, num + 1, dtype=np.int64)
-    pal = np.zeros((num, 3), dtype=np.int64)
-    for bit in range(8):
-        for c in range(3):
-            pal[:, c] |= ((ids >> (3 * bit + c)) & 1) << (7 - bit)
-    return pal.astype(np.uint8)
+    ``pipeline/colours.py`` ``DEPTH_COLORS``: uint8 ``[..., H, W, 3]``."""
+    t = (np.asarray(d, dtype=np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(np.shape(d))
+    return colour_ramp(t)
 
 
 def colorize_semseg(ids: np.ndarray, num_classes: int, ignore: int | None = None) -> np.ndarray:

@@ -31,6 +31,8 @@ import json
 import logging
 
 import numpy as np
+
+from polymae.pipeline.colours import DEPTH_COLORS, colour_ramp, semseg_palette  # noqa: F401 (re-exported)
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -44,11 +46,6 @@ PREVIEW_TILE = 192
 PREVIEW_GAP = 4
 COLUMNS = ("rgb", "depth", "semseg")
 BACKGROUND = (24, 24, 24)
-# viridis-like anchors (evenly spaced from 0 to 1), interpolated linearly per channel
-DEPTH_COLORS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
-                         (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
-
-
 def colorize_depth(codes: np.ndarray, metric: bool = False) -> np.ndarray:
     """Colour-map a depth map for display.
 
@@ -67,23 +64,7 @@ def colorize_depth(codes: np.ndarray, metric: bool = False) -> np.ndarray:
         raise ValueError(f"depth must be [H, W], got {d.shape}")
     lo, hi = np.percentile(d, [2.0, 98.0])
     t = np.clip((d - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(d)
-    if metric:
-        t = 1.0 - t
-    xs = np.linspace(0.0, 1.0, len(DEPTH_COLORS))
-    rgb = np.stack([np.interp(t, xs, DEPTH_COLORS[:, c]) for c in range(3)], axis=-1)
-    return np.rint(rgb).astype(np.uint8)
-
-
-def semseg_palette(num: int) -> np.ndarray:
-    """A fixed palette of ``num`` distinct colours, uint8 ``[num, 3]``: colour ``i`` spreads the bits of ``i + 1``
-    over the high bits of r, g, b (bit 0 → r, bit 1 → g, bit 2 → b, then the next lower bit), so neighbouring class
-    ids get very different colours and no class is black."""
-    ids = np.arange(1, num + 1, dtype=np.int64)
-    pal = np.zeros((num, 3), dtype=np.int64)
-    for bit in range(8):
-        for c in range(3):
-            pal[:, c] |= ((ids >> (3 * bit + c)) & 1) << (7 - bit)
-    return pal.astype(np.uint8)
+    return colour_ramp(1.0 - t if metric else t)
 
 
 def colorize_semseg(ids: np.ndarray, ignore: int | None = None) -> np.ndarray:

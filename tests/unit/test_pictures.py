@@ -61,7 +61,7 @@ def test_colour_maps_on_hand_computed_values():
     assert colorize_semseg(np.array([[0, 3, 255, 7]]), 4, ignore=255).tolist() == [
         [[128, 0, 0], [0, 0, 128], [0, 0, 0], [0, 0, 0]]]
     assert colorize_depth(np.array([0.0, 0.5, 1.0, 2.0]), 0.0, 1.0).tolist() == [
-        [68, 1, 84], [33, 145, 140], [253, 231, 37], [253, 231, 37]]
+        [68, 1, 84], [33, 144, 141], [253, 231, 37], [253, 231, 37]]
     x = torch.zeros(1, 3, 1, 1)  # normalised 0 = the ImageNet mean
     assert denormalize_rgb(x)[0, 0, 0].tolist() == [round(m * 255) for m in IMAGENET_MEAN]
     pix = mask_pixels(torch.tensor([[True, False, False, True]]), (2, 2), 3)
