@@ -9,7 +9,8 @@ A protocol (``pipeline/evaluate/classification.py``, ``dense.py``, ``coco.py``, 
 
 and :func:`finish` writes ``{output}/results.json`` (metrics, config, checkpoint sha256, dataset fingerprint),
 ``results.md``, the config, and appends one row per metric to the results table (``results.parquet`` +
-``results.md`` under ``results_table``), keyed by ``(checkpoint, protocol)``: a re-run replaces its rows.
+``results.md`` under ``results_table``, rebuilt from one row file per ``(checkpoint, protocol)`` under ``rows/``, so
+concurrent evaluate jobs lose no rows), keyed by ``(checkpoint, protocol)``: a re-run replaces its rows.
 :func:`compare` prints checkpoints side by side from that table.
 """
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TABLE_FILE = "results.parquet"
 TABLE_MD = "results.md"
+ROWS_DIR = "rows"
 TABLE_COLUMNS = ("checkpoint", "checkpoint_sha256", "protocol", "metric", "value", "dataset", "dataset_fingerprint",
                  "created")
 
@@ -128,26 +130,44 @@ def table_rows(protocol: str, results: dict) -> list[dict]:
             for k, v in results["metrics"].items()]
 
 
-def append_table(table_dir: str, rows: Sequence[dict]) -> str:
-    """Append ``rows`` to ``{table_dir}/results.parquet`` (replacing earlier rows of the same checkpoint and
-    protocol), rewrite ``{table_dir}/results.md``; both atomically. Returns the parquet URL."""
+def _parquet_bytes(rows: Sequence[dict]) -> bytes:
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(list(rows), schema=_schema()), buf)
+    return buf.getvalue()
+
+
+def _row_file(table_dir: str, checkpoint: str, protocol: str) -> str:
+    """The file of one ``(checkpoint, protocol)``'s rows: ``{table_dir}/rows/<sha256 of the key, 24 hex>.parquet``."""
+    key = hashlib.sha256(f"{checkpoint}\0{protocol}".encode()).hexdigest()[:24]
+    return f"{table_dir.rstrip('/')}/{ROWS_DIR}/{key}.parquet"
+
+
+def append_table(table_dir: str, rows: Sequence[dict]) -> str:
+    """Add ``rows`` to the results table at ``table_dir`` and return the URL of ``results.parquet``.
+
+    Each ``(checkpoint, protocol)`` keeps its rows in its own file under ``{table_dir}/rows/`` (written atomically;
+    a re-run replaces it), so evaluate jobs running at the same time (a Slurm array, on a shared folder or S3)
+    never lose each other's rows: there is no read-modify-write of one shared file. ``results.parquet`` and
+    ``results.md`` are then rebuilt from every row file (atomically; of two jobs finishing together the later
+    rebuild may miss the other's rows until the next run, but :func:`read_table` reads the row files).
+    """
     from polymae.datasets import storage
 
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["checkpoint"], r["protocol"]), []).append(r)
+    storage.makedirs(f"{table_dir.rstrip('/')}/{ROWS_DIR}")
+    for (ckpt, protocol), group in by_key.items():
+        storage.write_bytes_atomic(_row_file(table_dir, ckpt, protocol), _parquet_bytes(group))
+    every = read_table(table_dir)
     url = f"{table_dir.rstrip('/')}/{TABLE_FILE}"
-    old = read_table(table_dir)
-    keys = {(r["checkpoint"], r["protocol"]) for r in rows}
-    kept = [r for r in old if (r["checkpoint"], r["protocol"]) not in keys]
-    table = pa.Table.from_pylist(kept + list(rows), schema=_schema())
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.makedirs(table_dir)
-    storage.write_bytes_atomic(url, buf.getvalue())
-    storage.write_bytes_atomic(f"{table_dir.rstrip('/')}/{TABLE_MD}", compare_markdown(kept + list(rows)).encode())
+    storage.write_bytes_atomic(url, _parquet_bytes(every))
+    storage.write_bytes_atomic(f"{table_dir.rstrip('/')}/{TABLE_MD}", compare_markdown(every).encode())
     return url
 
 
@@ -158,13 +178,18 @@ def _schema():
 
 
 def read_table(table_dir: str) -> list[dict]:
-    """The rows of ``{table_dir}/results.parquet`` (empty when there is none)."""
+    """Every row of the results table at ``table_dir``: the row files under ``rows/`` (:func:`append_table`), or a
+    table written without them, ``results.parquet`` alone; empty when there is neither."""
     import io
 
     import pyarrow.parquet as pq
 
     from polymae.datasets import storage
 
+    rows_dir = f"{table_dir.rstrip('/')}/{ROWS_DIR}"
+    if storage.exists_fresh(rows_dir):  # fresh: other jobs' row files, not a listing cached by this process
+        files = sorted(storage.list_files(rows_dir, suffixes=(".parquet",)))
+        return [r for f in files for r in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist()]
     url = f"{table_dir.rstrip('/')}/{TABLE_FILE}"
     if not storage.exists(url):
         return []

@@ -119,3 +119,23 @@ def test_finish_writes_results_json_with_config_digest_and_a_table_row(tmp_path)
     assert (tmp_path / "out" / "config.yaml").exists()
     assert [(r["protocol"], r["metric"], r["value"]) for r in R.read_table(cfg.results_table)] == \
         [("depth", "delta1@rgb", 0.5)]
+
+
+def _append_one(args):
+    table, i = args
+    R.append_table(table, R.table_rows("depth", _res(f"runs/{i}", {"delta1@rgb": i / 10})))
+
+
+def test_concurrent_evaluate_jobs_lose_no_rows(tmp_path):
+    """8 processes append to one table at once (a Slurm array of evaluate jobs): every row survives, because each
+    (checkpoint, protocol) has its own row file; the next append's rebuild lists them all in results.md."""
+    import multiprocessing as mp
+
+    table = str(tmp_path / "table")
+    with mp.get_context("spawn").Pool(4) as pool:
+        pool.map(_append_one, [(table, i) for i in range(8)])
+    assert sorted(r["checkpoint"] for r in R.read_table(table)) == [f"runs/{i}" for i in range(8)]
+    _append_one((table, 8))
+    md = open(os.path.join(table, "results.md")).read()
+    assert all(f"runs/{i}" in md for i in range(9))
+    assert len(os.listdir(os.path.join(table, "rows"))) == 9
