@@ -1,6 +1,7 @@
 """Background publishing during training (train.publish_every / publish_to, pipeline/train/publisher.py).
 
-1. A 6-step tiny pretrain with a checkpoint every 2 steps and publish_every=2 to a local folder: releases of steps 2
+1. A 6-step tiny pretrain with a checkpoint every 2 steps and publish_every=2 to a bucket on a local S3 server
+   (moto): releases of steps 2
    and 6 (and of 4 unless it was superseded while 2 was still publishing, which the log then says), each intact,
    with the weights of the consolidated tag, published by another process than the trainer; ``latest`` names step 6;
    no ``publishing`` marker is left. The step times are printed (nothing timing-based is asserted).
@@ -9,7 +10,6 @@
 3. Pruning skips a tag being published; the config checks name their keys.
 """
 
-import json
 import os
 import re
 import stat
@@ -25,47 +25,45 @@ pytestmark = pytest.mark.integration
 TRAINER_STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def background_run(synthetic_shards, tmp_path_factory):
-    """The 6-step run, publishing every 2 steps to ``{base}/releases``; ``(run, releases, trainer pid, stderr)``."""
-    base = tmp_path_factory.mktemp("background")
-    run, releases = str(base / "run"), str(base / "releases")
-    env = dict(train_env(), POLYMAE_LOG_LEVEL="INFO")
+def test_training_publishes_in_the_background_to_s3(synthetic_shards, moto_s3, tmp_path):
+    """The 6-step run publishing every 2 steps to a bucket on the local S3 server."""
+    import boto3
+    import torch
+    from safetensors.torch import load
+
+    from polymae.datasets import storage
+    from polymae.pipeline.publish import verify_release
+    from polymae.pipeline.train.checkpoint import PUBLISHING_FILE, consolidate, step_tag
+    from polymae.pipeline.train.metrics_log import read_metrics
+
+    boto3.client("s3").create_bucket(Bucket="models")
+    run, releases = str(tmp_path / "run"), "s3://models/run7"
+    env = dict(train_env(), POLYMAE_LOG_LEVEL="INFO")  # train_env copies os.environ: the AWS_* of moto_s3
     proc = subprocess.Popen(
         [sys.executable, "-m", "polymae.jobs.pretrain", f"data.shards={synthetic_shards}", f"output={run}",
          "data.img_size=32", "model.num_visible=4", "data.num_workers=0", f"train.steps={TRAINER_STEPS}",
          "train.global_batch=2", "train.micro_batch=2", "train.save_interval=2", "train.keep_last=3",
          "train.publish_every=2", f"train.publish_to={releases}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-6000:]
-    return run, releases, proc.pid, err
-
-
-def test_training_publishes_in_the_background(background_run):
-    import torch
-    from safetensors.torch import load_file
-
-    from polymae.pipeline.publish import verify_release
-    from polymae.pipeline.train.checkpoint import PUBLISHING_FILE, consolidate, step_tag
-    from polymae.pipeline.train.metrics_log import read_metrics
-
-    run, releases, trainer_pid, err = background_run
+    trainer_pid = proc.pid
     print("step times (s):", [round(r["step_s"], 3) for r in read_metrics(run)])  # for the record only
-    found = sorted(d for d in os.listdir(releases) if d.startswith("step-"))
+    storage.invalidate_cache(releases)
+    found = sorted({u[len(releases) + 1:].split("/")[0] for u in storage.list_files(releases)} - {"latest"})
     superseded = f"{step_tag(4)} is not published (superseded by {step_tag(6)}" in err
     assert found == [step_tag(s) for s in ((2, 6) if superseded else (2, 4, 6))], err[-3000:]
-    assert open(os.path.join(releases, "latest")).read().strip() == step_tag(6)
+    assert storage.read_bytes(f"{releases}/latest").decode().strip() == step_tag(6)
     started = {m.group(1): int(m.group(2)) for m in
                re.finditer(r"background publish of (step-\d+) to \S+ started \(pid (\d+)", err)}
     for tag in found:
-        dest = os.path.join(releases, tag)
+        dest = f"{releases}/{tag}"
         assert verify_release(dest) == [], tag
-        man = json.load(open(os.path.join(dest, "manifest.json")))
+        man = storage.read_json(f"{dest}/manifest.json")
         assert man["source"] == {"tag": tag, "run": "run"}
         assert man["publisher_pid"] != trainer_pid and man["publisher_pid"] == started[tag]  # another process
         sd, _ = consolidate(run, tag)
-        released = load_file(os.path.join(dest, "model.safetensors"))
+        released = load(storage.read_bytes(f"{dest}/model.safetensors"))
         assert released.keys() == sd.keys() and all(torch.equal(released[k], sd[k]) for k in sd)
         assert "done in" in err and not os.path.exists(os.path.join(run, "checkpoints", tag, PUBLISHING_FILE))
     assert "FAILED" not in err and os.path.exists(os.path.join(run, "publish.log"))
