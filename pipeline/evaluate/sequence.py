@@ -242,12 +242,15 @@ def evaluate_sequence_task(model, task: str, info: dict, img_size: int, batch_si
     Returns:
         det / seg / kpt: COCO stats (``AP``, ``AP50``, ...), ``samples``, ``predictions`` (and for seg / kpt
         ``gt_box_AP``, ``prompt``); cap: ``bleu4``, ``cider``, ``samples``; or ``{"skipped": reason}`` when the
-        task has no held-out annotations.
+        task has no held-out annotations, or they were a local file that a release does not carry.
     Raises:
         FileNotFoundError: the held-out annotations or an image are missing.
     """
     if not info.get("val_annotations"):
         return {"skipped": f"no held-out annotations (set tasks.{task}.val_annotations)"}
+    if str(info["val_annotations"]).startswith("<local>/"):  # a release: publish left out the local path
+        return {"skipped": f"the release does not carry {info['val_annotations']}: score this task with "
+                           f"protocol=coco coco.annotations=... coco.images=..."}
     score = _score_captions if info["mad_task"] == "cap" else _score_instances
     return score(model, info, img_size, batch_size, max_samples, output, task)
 

@@ -220,3 +220,11 @@ def test_evaluate_scores_prediction_files_of_any_model_without_a_checkpoint(coco
     with pytest.raises(SystemExit) as e:
         main(["protocol=depth", "checkpoint="])
     assert e.value.code == 2 and "'checkpoint'" in capsys.readouterr().err
+
+
+def test_a_release_without_its_local_annotations_skips_the_task_with_the_way_to_score_it():
+    from polymae.pipeline.evaluate.sequence import evaluate_sequence_task
+
+    info = {"mad_task": "det", "val_annotations": "<local>/instances_val.json"}  # as publish writes a local path
+    res = evaluate_sequence_task(None, "det", info, img_size=32)
+    assert "protocol=coco coco.annotations=" in res["skipped"]
