@@ -105,20 +105,14 @@ def fingerprint_files(root: str, paths: Iterable[str]) -> str:
     h = hashlib.sha256()
     base = root.rstrip("/")
     for p in sorted(paths):
-        rel = p[len(base):].lstrip("/") if p.startswith(base) else p
-        path = storage.get_fs(p)[1].rstrip("/")
+        inside = p.startswith(base + "/")
+        rel = p[len(base):].lstrip("/") if inside else p
+        path = f"{base_path.rstrip('/')}/{rel}" if inside else storage.get_fs(p)[1].rstrip("/")
         size = sizes.get(path)
         if size is None:
             size = fs.size(path)
         h.update(f"{rel}\0{size}\n".encode())
     return h.hexdigest()
-
-
-def checkpoint_sha256(checkpoint: str) -> str:
-    """sha256 identifying a checkpoint's weights (``pipeline/train/checkpoint.py`` ``weights_digest``)."""
-    from polymae.pipeline.train.checkpoint import weights_digest
-
-    return weights_digest(checkpoint)
 
 
 def table_rows(protocol: str, results: dict) -> list[dict]:
@@ -260,10 +254,11 @@ def finish(protocol: str, results: dict, ctx: EvalContext, cfg: Any, table_dir: 
     when empty). Returns the completed results."""
     from polymae.datasets import storage
     from polymae.pipeline.config import save_config, to_dict
+    from polymae.pipeline.train.checkpoint import weights_digest
 
     ctx.close()
     results = dict(results, protocol=protocol, checkpoint=ctx.checkpoint, config=to_dict(cfg),
-                   checkpoint_sha256=results.get("checkpoint_sha256") or checkpoint_sha256(ctx.checkpoint),
+                   checkpoint_sha256=results.get("checkpoint_sha256") or weights_digest(ctx.checkpoint),
                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    pictures=list(ctx.pictures))
     storage.makedirs(ctx.output)
